@@ -1,0 +1,39 @@
+"""sgfx: one-shot sparsification of trained CNNs with torch.fx and SparseGPT's Optimal Brain Surgeon solve.
+
+Example:
+    >>> import sgfx
+    >>> gm = sgfx.sparsify(model, calib, "2:4")  # doctest: +SKIP
+    >>> print(sgfx.report(gm))  # doctest: +SKIP
+"""
+
+from .api import calibration_batches, sparsify
+from .check import PatternCheck, check_pattern
+from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
+from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune
+from .passes.sequential_prune import CalibrationError
+from .passes.trace import TraceError
+from .report import LayerRecord, SparsityReport, get_report, report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sparsify",
+    "calibration_batches",
+    "report",
+    "get_report",
+    "check_pattern",
+    "PatternCheck",
+    "SparsifyConfig",
+    "NMPattern",
+    "Unstructured",
+    "parse_pattern",
+    "sparsegpt_prune",
+    "magnitude_prune",
+    "SolveResult",
+    "LayerRecord",
+    "SparsityReport",
+    "CalibrationError",
+    "TraceError",
+    "FactorizationError",
+    "__version__",
+]

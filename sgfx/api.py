@@ -1,0 +1,269 @@
+"""``sgfx.sparsify``: trace, calibrate sequentially, prune with OBS, report."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+from .config import SparsifyConfig
+from .layers import PrunableLayer
+from .obs import FactorizationError, magnitude_prune, sparsegpt_prune
+from .passes.sequential_prune import SequentialPruner, find_prunable_layers, match_skip
+from .passes.trace import trace
+from .report import REPORT_KEY, LayerRecord, SparsityReport
+
+__all__ = ["sparsify", "calibration_batches"]
+
+logger = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args")
+
+
+def calibration_batches(calib: Any) -> list[torch.Tensor]:
+    """Materialise calibration data as a list of input tensors, validating each batch.
+
+    Accepts one tensor (a single batch) or an iterable of batches, each a tensor or a tuple/list whose first
+    element is the input (as a ``DataLoader`` over a labelled dataset yields).
+
+    Raises:
+        TypeError: not a tensor / iterable of tensors or tuples.
+        ValueError: no batches, an empty batch, or NaN/Inf values.
+    """
+    if isinstance(calib, torch.Tensor):
+        items: Iterable[Any] = [calib]
+    elif calib is None or isinstance(calib, (str, bytes, dict)):
+        raise TypeError(f"calib must be a tensor or an iterable of batches, got {type(calib).__name__}")
+    else:
+        try:
+            items = iter(calib)
+        except TypeError:
+            raise TypeError(f"calib must be a tensor or an iterable of batches, got {type(calib).__name__}") from None
+    batches = []
+    for index, item in enumerate(items):
+        x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"calibration batch {index}: expected a tensor or a (input, ...) tuple/list, got {type(item).__name__}"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"calibration batch {index} is empty (shape {tuple(x.shape)})")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"calibration batch {index} contains NaN or Inf values")
+        batches.append(x.detach())
+    if not batches:
+        raise ValueError("calibration data is empty: pass a tensor or an iterable yielding at least one batch")
+    return batches
+
+
+def _resolve_config(sparsity: Any, options: dict[str, Any]) -> SparsifyConfig:
+    given = {k: v for k, v in options.items() if v is not None}
+    if isinstance(sparsity, SparsifyConfig):
+        if given:
+            raise TypeError(f"pass options either in SparsifyConfig or as keywords, not both (got {sorted(given)})")
+        return sparsity
+    return SparsifyConfig(sparsity, **given)
+
+
+def _upcast_low_precision(gm: nn.Module) -> dict[str, torch.dtype]:
+    """Convert float16/bfloat16 parameters and buffers to float32 in place; returns their original dtypes."""
+    original = {}
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if tensor.dtype in _LOW_PRECISION:
+            original[name] = tensor.dtype
+            tensor.data = tensor.data.float()
+    return original
+
+
+def _restore_dtypes(gm: nn.Module, original: dict[str, torch.dtype]) -> None:
+    tensors = dict(gm.named_parameters())
+    tensors.update(gm.named_buffers())
+    for name, dtype in original.items():
+        tensors[name].data = tensors[name].data.to(dtype)
+
+
+def _model_device(gm: nn.Module) -> torch.device:
+    tensor = next(iter(gm.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _relative_error(layer: PrunableLayer, inputs: list[torch.Tensor], dense: torch.Tensor) -> float:
+    """‖WX − ŴX‖² / ‖WX‖² over all calibration inputs (the layer's linear map, bias excluded)."""
+    delta = dense - layer.weight.detach().float()
+    num = den = 0.0
+    for x in inputs:
+        x = x.float()
+        num += float(layer.forward_with(x, delta).square().sum(dtype=torch.float64))
+        den += float(layer.forward_with(x, dense).square().sum(dtype=torch.float64))
+    return num / den if den > 0 else 0.0
+
+
+class _LayerPruner:
+    """The per-layer step called by the SequentialPruner: Hessian, solve, write-back, record."""
+
+    def __init__(self, config: SparsifyConfig, records: dict[str, LayerRecord], callback):
+        self.config = config
+        self.records = records
+        self.callback = callback
+
+    def __call__(self, layer: PrunableLayer, inputs: list[torch.Tensor]) -> None:
+        config = self.config
+        record = self.records[layer.name]
+        device = config.device or layer.weight.device
+        dense = layer.weight.detach().float().clone()
+        start = time.perf_counter()
+        matrices = [m.to(device) for m in layer.solve_matrices()]
+        try:
+            if config.method == "magnitude":
+                results = [magnitude_prune(w, config.sparsity) for w in matrices]
+                record.hessian_s = 0.0
+            else:
+                accumulator = layer.hessian_accumulator(device)
+                for x in inputs:
+                    accumulator.add(x)
+                hessians = accumulator.finalize()
+                record.samples = accumulator.samples
+                record.hessian_s = time.perf_counter() - start
+                del accumulator
+                results = [
+                    sparsegpt_prune(w, h, config.sparsity, config.blocksize, config.percdamp,
+                                    config.max_damping_retries)
+                    for w, h in zip(matrices, hessians)
+                ]
+                del hessians
+                record.damping = max(r.damping for r in results)
+                record.damping_retries = max(r.damping_retries for r in results)
+                if record.damping_retries:
+                    logger.warning("%s: Cholesky failed, damping raised x10^%d", layer.name, record.damping_retries)
+        except FactorizationError as exc:
+            record.status, record.reason = "skipped", f"solve failed: {exc}"
+            warnings.warn(f"sgfx: {layer.name} left dense: {exc}", RuntimeWarning, stacklevel=2)
+            return
+        layer.write_back([r.weight for r in results])
+        record.solve_s = time.perf_counter() - start - record.hessian_s
+        record.status = "pruned"
+        record.sparsity = float((layer.weight == 0).float().mean())
+        record.rel_error = _relative_error(layer, inputs, dense)
+        logger.info(
+            "%s %s: sparsity %.3f, rel. error %.3e, %.2f s", layer.name, record.op, record.sparsity,
+            record.rel_error, record.hessian_s + record.solve_s,
+        )
+        if self.callback is not None:
+            self.callback(record)
+
+
+def sparsify(
+    model: nn.Module,
+    calib: Any,
+    sparsity: Any = "2:4",
+    *,
+    method: str | None = None,
+    blocksize: int | None = None,
+    percdamp: float | None = None,
+    skip: Iterable[str] | str | None = None,
+    device: str | torch.device | None = None,
+    leaf_modules: Iterable[Any] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+    callback: Callable[[LayerRecord], None] | None = None,
+) -> torch.fx.GraphModule:
+    """Prune a trained model's Conv2d/Linear weights in one shot, without fine-tuning.
+
+    The model is traced with torch.fx (a deep copy: ``model`` is never modified), then run over the calibration
+    data node by node. Each prunable layer is pruned when the graph reaches it, from a Hessian built on the
+    inputs produced by the already-pruned layers before it (sequential calibration); its outputs are then
+    computed with the pruned weight.
+
+    Args:
+        model: a trained ``nn.Module`` or ``torch.fx.GraphModule``.
+        calib: one input tensor, or an iterable of batches (tensors, or tuples whose first element is the input).
+        sparsity: ``"N:M"`` (at most N nonzeros in every M consecutive input channels, e.g. ``"2:4"``), a float
+            in (0, 1) for unstructured sparsity, or a :class:`SparsifyConfig` holding every option.
+        method: ``"sparsegpt"`` (default) or ``"magnitude"``.
+        blocksize: columns per lazy-update block of the OBS solve (default 128).
+        percdamp: Hessian damping as a fraction of its mean diagonal (default 0.01).
+        skip: layer names or glob patterns to keep dense, e.g. ``["conv1", "fc*"]``.
+        device: where the solves run (e.g. ``"cuda"``); default: where the model is.
+        leaf_modules: module types or qualified names the tracer must not enter (their layers stay dense).
+        concrete_args: forwarded to the tracer to specialise Python control flow.
+        callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
+
+    Returns:
+        A new ``torch.fx.GraphModule`` equal to ``model`` except for the pruned weights, in the model's dtypes
+        and training mode. ``sgfx.report(gm)`` prints what was done.
+
+    Raises:
+        TypeError: a model that is not an ``nn.Module``, bad option types, or an untraceable model.
+        ValueError: bad pattern or options, empty or non-finite calibration data, or calibration batches the
+            model cannot run (the message names the graph node).
+
+    Example:
+        >>> gm = sgfx.sparsify(model, calib_loader, "2:4")  # doctest: +SKIP
+        >>> print(sgfx.report(gm))  # doctest: +SKIP
+    """
+    options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args)))
+    config = _resolve_config(sparsity, options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+    batches = calibration_batches(calib)
+    started = time.perf_counter()
+
+    gm = trace(model, config.leaf_modules, config.concrete_args)
+    was_training = model.training
+    if was_training:
+        warnings.warn(
+            "sgfx: the model is in training mode; calibrating in eval mode (BatchNorm running statistics, "
+            "no dropout). The result is returned in training mode like the model.", UserWarning, stacklevel=2,
+        )
+    gm.eval()
+    original_dtypes = _upcast_low_precision(gm)
+    if original_dtypes:
+        logger.info("low-precision model: calibrating and solving in float32, writing back in its dtypes")
+    model_device = _model_device(gm)
+    batches = [b.to(model_device, torch.float32) if b.dtype in _LOW_PRECISION else b.to(model_device)
+               for b in batches]
+
+    pattern_name = str(config.sparsity)
+    found = find_prunable_layers(gm)
+    records: dict[str, LayerRecord] = {}
+    to_prune = {}
+    used_skips: set[str] = set()
+    for node, layer in found.items():
+        record = LayerRecord(
+            layer.name, layer.op, tuple(layer.weight.shape), pattern_name, config.method, "skipped",
+            weight_name=layer.weight_name,
+        )
+        record.sparsity = float((layer.weight == 0).float().mean())
+        records[layer.name] = record
+        matched = match_skip(layer.name, config.skip)
+        reason = f"skip={matched!r}" if matched else layer.ineligibility(config.sparsity)
+        if matched:
+            used_skips.add(matched)
+        elif reason:
+            warnings.warn(f"sgfx: {layer.name} left dense: {reason}", UserWarning, stacklevel=2)
+        if reason:
+            record.reason = reason
+        else:
+            to_prune[node] = layer
+    for pattern in sorted(set(config.skip) - used_skips):
+        warnings.warn(f"sgfx: skip pattern {pattern!r} matched no prunable layer", UserWarning, stacklevel=2)
+
+    result = SparsityReport(pattern_name, config.method, list(records.values()))
+    if not to_prune:
+        warnings.warn("sgfx: no prunable Conv2d/Linear layer in this model; returning the traced graph unchanged",
+                      UserWarning, stacklevel=2)
+    else:
+        with torch.no_grad():
+            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback)).run_batches(batches)
+    _restore_dtypes(gm, original_dtypes)
+    gm.train(was_training)
+    result.total_s = time.perf_counter() - started
+    gm.meta[REPORT_KEY] = result
+    return gm

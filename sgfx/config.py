@@ -1,0 +1,182 @@
+"""Sparsity patterns and the frozen configuration of :func:`sgfx.sparsify`.
+
+Everything a user types is parsed and validated here, at the API boundary, so that the passes below can
+trust their inputs. Strings follow NVIDIA's convention: ``"2:4"`` keeps *at most* 2 nonzeros in every 4
+consecutive weights. Floats are unstructured fractions of weights set to zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+__all__ = [
+    "NMPattern",
+    "Unstructured",
+    "Pattern",
+    "parse_pattern",
+    "SparsifyConfig",
+    "METHODS",
+]
+
+METHODS = ("sparsegpt", "magnitude")
+
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_ACCEPTED = (
+    'accepted: an "N:M" string with integers 0 < N < M (e.g. "2:4", "1:4", "4:8": at most N nonzeros in '
+    "every M consecutive weights), or a float in (0, 1) giving the unstructured fraction of weights to zero"
+)
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """At most ``n`` nonzeros in every ``m`` consecutive weights (along input channels)."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        for name, value in (("n", self.n), ("m", self.m)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"NMPattern.{name} must be an int, got {type(value).__name__}")
+        if not 0 < self.n < self.m:
+            raise ValueError(f"invalid N:M pattern {self.n}:{self.m}; {_ACCEPTED}")
+
+    @property
+    def n_pruned(self) -> int:
+        """Weights zeroed in every group of ``m``."""
+        return self.m - self.n
+
+    @property
+    def sparsity(self) -> float:
+        return self.n_pruned / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """Zero a fraction ``sparsity`` of a layer's weights, anywhere."""
+
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"unstructured sparsity must be a float, got {type(self.sparsity).__name__}")
+        if not 0.0 < float(self.sparsity) < 1.0:
+            raise ValueError(f"invalid sparsity {self.sparsity!r}; {_ACCEPTED}")
+
+    def __str__(self) -> str:
+        return f"{float(self.sparsity):.0%} unstructured"
+
+
+Pattern = Union[NMPattern, Unstructured]
+
+
+def parse_pattern(spec: Any) -> Pattern:
+    """Parse ``"N:M"``, a float in (0, 1), or an already-built pattern.
+
+    Raises:
+        ValueError: a string or number that is not a valid pattern.
+        TypeError: anything that is neither a string nor a number.
+    """
+    if isinstance(spec, (NMPattern, Unstructured)):
+        return spec
+    if isinstance(spec, str):
+        match = _NM_RE.match(spec)
+        if match is None:
+            raise ValueError(f"invalid sparsity pattern {spec!r}; {_ACCEPTED}")
+        return NMPattern(int(match.group(1)), int(match.group(2)))
+    if isinstance(spec, bool) or not isinstance(spec, (int, float)):
+        raise TypeError(f"sparsity must be a str or float, got {type(spec).__name__}; {_ACCEPTED}")
+    return Unstructured(float(spec))
+
+
+def _as_name_tuple(value: Any, option: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{option} must be a string or a list of strings, got {type(value).__name__}") from None
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{option} must contain strings, got {type(item).__name__}")
+    return items
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Every option of :func:`sgfx.sparsify`, validated on construction.
+
+    Args:
+        sparsity: ``"N:M"`` string, float in (0, 1), or a parsed pattern; stored parsed.
+        method: ``"sparsegpt"`` (OBS with weight updates) or ``"magnitude"`` (baseline).
+        blocksize: columns per lazy-update block of the OBS solve.
+        percdamp: damping added to the Hessian diagonal, as a fraction of its mean.
+        skip: layer names or glob patterns (``fnmatch``) to leave dense.
+        device: where the OBS solves run (``None``: the layer's own device).
+        leaf_modules: module types or qualified names the tracer must not enter.
+        concrete_args: forwarded to ``torch.fx.Tracer.trace`` to specialise control flow.
+        max_damping_retries: how many times damping is multiplied by 10 when Cholesky fails.
+
+    Example:
+        >>> SparsifyConfig("2:4", skip=["fc*"]).sparsity
+        NMPattern(n=2, m=4)
+    """
+
+    sparsity: Any = "2:4"
+    method: str = "sparsegpt"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    skip: tuple[str, ...] = ()
+    device: Any = None
+    leaf_modules: tuple[Any, ...] = ()
+    concrete_args: dict[str, Any] | None = field(default=None, compare=False)
+    max_damping_retries: int = 6
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        set_("sparsity", parse_pattern(self.sparsity))
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"blocksize must be a positive int, got {self.blocksize!r}")
+        if isinstance(self.sparsity, NMPattern) and self.blocksize % self.sparsity.m:
+            raise ValueError(
+                f"blocksize {self.blocksize} must be a multiple of M={self.sparsity.m} so that no N:M group "
+                "straddles two blocks"
+            )
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not (
+            0.0 <= self.percdamp < 10.0
+        ):
+            raise ValueError(f"percdamp must be a float in [0, 10), got {self.percdamp!r}")
+        set_("skip", _as_name_tuple(self.skip, "skip"))
+        leaf = () if self.leaf_modules is None else tuple(self.leaf_modules)
+        for item in leaf:
+            if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, torch.nn.Module))):
+                raise TypeError(f"leaf_modules entries must be nn.Module subclasses or names, got {item!r}")
+        set_("leaf_modules", leaf)
+        if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
+            raise TypeError(f"concrete_args must be a dict, got {type(self.concrete_args).__name__}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"invalid device {self.device!r}: {exc}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested but CUDA is not available here")
+            set_("device", device)
+        if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:
+            raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
+
+    def replace(self, **changes: Any) -> "SparsifyConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,159 @@
+"""Pruning kernels: SparseGPT's blocked Optimal Brain Surgeon solve, and the magnitude baseline.
+
+Pure functions on tensors (CPU or CUDA): a weight matrix ``W`` of shape (rows, cols) whose columns are in
+solve order (N:M groups are ``m`` consecutive columns) and, for OBS, the layer Hessian ``H = 2/n X Xᵀ`` of
+shape (cols, cols). Nothing here knows about modules, graphs or logging.
+
+SparseGPT (Frantar & Alistarh, 2023) visits the columns left to right. With ``U`` the upper Cholesky factor of
+``H⁻¹`` (``H⁻¹ = Uᵀ U``), pruning weight ``w_ij`` costs ``w_ij² / U_jj²`` and the optimal compensation of the
+row's later weights is ``-(w_ij / U_jj) · U_j,j:``. Columns are processed in blocks: updates inside a block are
+applied eagerly, updates to the columns after it are applied once per block (lazy batch updates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import NMPattern, Pattern, Unstructured
+
+__all__ = ["SolveResult", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune"]
+
+
+class FactorizationError(RuntimeError):
+    """The damped Hessian stayed indefinite after every damping retry."""
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor  # (rows, cols) pruned and compensated, in the solve dtype
+    pruned: torch.Tensor  # (rows, cols) bool, True where the mask zeroed a weight
+    loss: float  # OBS objective: sum of w²/(2·U_jj²) over pruned weights (0 for magnitude)
+    damping: float = 0.0  # absolute damping finally added to diag(H)
+    damping_retries: int = 0  # times the damping was raised x10 because Cholesky failed
+
+
+def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Upper-triangular ``U`` with ``(H + damping·I)⁻¹ = Uᵀ U``, or ``None`` if ``H + damping·I`` is not PD.
+
+    With ``J`` the reversal permutation and ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is
+    upper triangular with a positive diagonal, hence the Cholesky factor: one factorisation and one triangular
+    inverse instead of factorise, invert, factorise again.
+    """
+    cols = hessian.shape[0]
+    damped = hessian.flip(0, 1)  # (cols, cols), J H J
+    damped.diagonal().add_(damping)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        return None
+    eye = torch.eye(cols, dtype=hessian.dtype, device=hessian.device)
+    lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+    return lower_inv.flip(0, 1)
+
+
+def _factor_with_retries(hessian: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
+    mean_diag = float(hessian.diagonal().mean())
+    damping = percdamp * mean_diag if percdamp > 0 else 0.0
+    for retry in range(max_retries + 1):
+        factor = upper_cholesky_of_inverse(hessian, damping)
+        if factor is not None:
+            return factor, damping, retry
+        damping = max(damping * 10.0, 1e-8 * max(mean_diag, 1e-30))
+    raise FactorizationError(
+        f"Hessian is not positive definite even with damping {damping:.3g} after {max_retries} retries"
+    )
+
+
+def _block_prune_counts(pattern: Unstructured, rows: int, cols: int, blocksize: int) -> list[int]:
+    """Weights to prune in each block so that the layer total is exactly round(sparsity · rows · cols)."""
+    bounds = list(range(0, cols, blocksize)) + [cols]
+    cumulative = [round(pattern.sparsity * rows * b) for b in bounds]
+    return [hi - lo for lo, hi in zip(cumulative[:-1], cumulative[1:])]
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: Pattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_damping_retries: int = 6,
+    dtype: torch.dtype = torch.float32,
+) -> SolveResult:
+    """Prune ``weight`` to ``pattern`` with SparseGPT's adaptive-mask OBS solve.
+
+    Args:
+        weight: (rows, cols) weights in solve column order; not modified.
+        hessian: (cols, cols) symmetric PSD ``2/n X Xᵀ``; not modified.
+        pattern: N:M groups along consecutive columns, or an unstructured fraction (mask chosen per block).
+        blocksize: columns per lazy-update block (a multiple of M for N:M patterns).
+        percdamp: damping as a fraction of mean(diag H); raised x10 per failed Cholesky.
+        max_damping_retries: how many times to raise the damping before giving up.
+        dtype: solve precision.
+
+    Returns:
+        SolveResult with the compensated, pruned weight in ``dtype``.
+    """
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
+    if isinstance(pattern, NMPattern) and (cols % pattern.m or blocksize % pattern.m):
+        raise ValueError(f"columns ({cols}) and blocksize ({blocksize}) must be multiples of M={pattern.m}")
+    work = weight.to(dtype=dtype, copy=True)  # (rows, cols), updated in place
+    hess = hessian.to(dtype=dtype, copy=True)  # (cols, cols)
+    dead = hess.diagonal() == 0  # columns whose input is always zero
+    hess.diagonal()[dead] = 1.0
+    work[:, dead] = 0.0
+    hinv, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries)  # (cols, cols) upper
+    del hess
+
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=work.device)
+    loss = torch.zeros((), dtype=torch.float64, device=work.device)
+    counts = _block_prune_counts(pattern, rows, cols, blocksize) if isinstance(pattern, Unstructured) else None
+    for block, start in enumerate(range(0, cols, blocksize)):
+        stop = min(start + blocksize, cols)
+        w_block = work[:, start:stop]  # (rows, b) view: eager updates land in `work`
+        hinv_block = hinv[start:stop, start:stop]  # (b, b) upper
+        diag = hinv_block.diagonal()  # (b,)
+        mask = torch.zeros(rows, stop - start, dtype=torch.bool, device=work.device)  # (rows, b)
+        err_block = torch.zeros_like(w_block)  # (rows, b) scaled errors (w - q) / d
+        if counts is not None and counts[block]:
+            scores = (w_block.square() / diag.square()).flatten()
+            mask.view(-1)[torch.topk(scores, counts[block], largest=False).indices] = True
+        for col in range(stop - start):
+            if isinstance(pattern, NMPattern) and col % pattern.m == 0:
+                group = slice(col, col + pattern.m)
+                scores = w_block[:, group].square() / diag[group].square()  # (rows, m)
+                drop = torch.topk(scores, pattern.n_pruned, dim=1, largest=False).indices
+                mask[:, group].scatter_(1, drop, True)
+            w_col = w_block[:, col]
+            err = torch.where(mask[:, col], w_col, 0.0) / diag[col]  # (rows,)
+            loss += err.square().sum(dtype=torch.float64) / 2
+            w_block[:, col:].sub_(err.unsqueeze(1) * hinv_block[col, col:].unsqueeze(0))
+            err_block[:, col] = err
+        w_block.masked_fill_(mask, 0.0)  # exact zeros (the update above leaves rounding residue)
+        pruned[:, start:stop] = mask
+        if stop < cols:
+            work[:, stop:].sub_(err_block @ hinv[start:stop, stop:])  # lazy update of later columns
+    return SolveResult(work, pruned, float(loss), damping, retries)
+
+
+def magnitude_prune(weight: torch.Tensor, pattern: Pattern, dtype: torch.dtype = torch.float32) -> SolveResult:
+    """Zero the smallest-magnitude weights: per group of M columns for N:M, per layer for unstructured."""
+    rows, cols = weight.shape
+    work = weight.to(dtype=dtype, copy=True)
+    magnitude = work.abs()
+    if isinstance(pattern, NMPattern):
+        if cols % pattern.m:
+            raise ValueError(f"columns ({cols}) must be a multiple of M={pattern.m}")
+        groups = magnitude.view(rows, cols // pattern.m, pattern.m)
+        drop = torch.topk(groups, pattern.n_pruned, dim=2, largest=False).indices
+        pruned = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, drop, True).view(rows, cols)
+    else:
+        count = round(pattern.sparsity * rows * cols)
+        pruned = torch.zeros(rows * cols, dtype=torch.bool, device=work.device)
+        pruned[torch.topk(magnitude.flatten(), count, largest=False).indices] = True
+        pruned = pruned.view(rows, cols)
+    work.masked_fill_(pruned, 0.0)
+    return SolveResult(work, pruned, 0.0)

@@ -1,0 +1,94 @@
+"""Obviously-correct references the tests compare against, written from the papers, slow on purpose."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sgfx.config import NMPattern, Unstructured
+
+
+def per_column_obs(weight, hessian, pattern, blocksize, percdamp=0.01):
+    """SparseGPT's adaptive-mask OBS, one column at a time, with an explicit inverse Hessian (float64).
+
+    The inverse Hessian of the columns not yet visited is kept explicitly: visiting column c removes it by
+    Gaussian elimination (OBS, Hassibi & Stork), ``Hinv <- Hinv - Hinv[:, c] Hinv[c, :] / Hinv[c, c]``, and
+    pruning w_rc moves the row's remaining weights by ``-(w_rc / Hinv[c, c]) Hinv[c, :]``. The saliency of a
+    weight is ``w² / d_c`` with ``d_c`` the diagonal entry when c is visited (the squared Cholesky diagonal of
+    the paper's Algorithm 1). The mask is chosen from the compensated weights: per group of M columns at its
+    first column (N:M), or per block of ``blocksize`` columns (unstructured; block totals rounded so that the
+    layer total is exact).
+    """
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    rows, cols = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += percdamp * torch.diag(h).mean() * torch.eye(cols, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    diag_at_visit, row_at_visit = torch.zeros(cols, dtype=torch.float64), []
+    for c in range(cols):  # the elimination does not depend on the weights: do it first
+        diag_at_visit[c] = hinv[c, c]
+        row_at_visit.append(hinv[c, :].clone())
+        hinv = hinv - torch.outer(hinv[:, c], hinv[c, :]) / hinv[c, c]
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for c in range(cols):
+        if isinstance(pattern, NMPattern) and c % pattern.m == 0:
+            scores = w[:, c:c + pattern.m] ** 2 / diag_at_visit[c:c + pattern.m]
+            for r in range(rows):
+                order = sorted(range(pattern.m), key=lambda k: float(scores[r, k]))
+                for k in order[:pattern.n_pruned]:
+                    mask[r, c + k] = True
+        if isinstance(pattern, Unstructured) and c % blocksize == 0:
+            stop = min(c + blocksize, cols)
+            count = round(pattern.sparsity * rows * stop) - round(pattern.sparsity * rows * c)
+            scores = (w[:, c:stop] ** 2 / diag_at_visit[c:stop]).flatten()
+            for k in sorted(range(scores.numel()), key=lambda k: float(scores[k]))[:count]:
+                mask[k // (stop - c), c + k % (stop - c)] = True
+        for r in range(rows):
+            if mask[r, c]:
+                w[r, :] -= w[r, c] / diag_at_visit[c] * row_at_visit[c]
+                w[r, c] = 0.0
+    return w, mask
+
+
+def conv_via_loops_ok(weight, n, m):
+    """True if a Conv2d weight (C_out, C_in, kh, kw) has <= n nonzeros in every m consecutive input channels
+    at every (output channel, kernel position) — checked with plain loops."""
+    c_out, c_in, kh, kw = weight.shape
+    for o in range(c_out):
+        for i in range(kh):
+            for j in range(kw):
+                for c in range(0, c_in, m):
+                    if int((weight[o, c:c + m, i, j] != 0).sum()) > n:
+                        return False
+    return True
+
+
+def correlated_inputs(n, dim, generator, rank=None):
+    """n samples of dim-dimensional inputs with strongly correlated coordinates, as real activations have."""
+    rank = rank or dim
+    mixing = torch.randn(rank, dim, generator=generator) + 0.5 * torch.randn(1, dim, generator=generator)
+    return torch.randn(n, rank, generator=generator) @ mixing
+
+
+def hessian_of(x):
+    """2/n X Xᵀ for inputs x of shape (n, dim)."""
+    x = x.double()
+    return 2.0 / x.shape[0] * x.T @ x
+
+
+def unfold_hessian(inputs, conv):
+    """Hessian of a Conv2d's input for group 0 in (C_in, kh, kw) unfold order, from whole-batch unfolds."""
+    rows = []
+    for x in inputs:
+        if conv.padding_mode != "zeros":
+            ph, pw = conv.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=conv.padding_mode)
+            pad = 0
+        else:
+            pad = conv.padding
+        cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=pad, stride=conv.stride)
+        rows.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+    return hessian_of(torch.cat(rows))

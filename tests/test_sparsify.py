@@ -1,0 +1,335 @@
+"""End to end: sparsify on small models, the sequential property, the report, and every bad input."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sgfx
+import sgfx.api
+from models import ConvBnNet, Functional, TwoLayer, randomize_bn
+from reference import conv_via_loops_ok, hessian_of
+
+PATTERNS = ["2:4", "1:4", "4:8", 0.5]
+
+
+def _calib(gen, n=64, shape=(3, 16, 16), batch=16):
+    return [torch.randn(batch, *shape, generator=gen) for _ in range(n // batch)]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_end_to_end_small_cnn(gen, pattern, method):
+    model = randomize_bn(ConvBnNet(), gen).eval()
+    before = _state(model)
+    calib = _calib(gen)
+    gm = sgfx.sparsify(model, calib, pattern, method=method)
+    assert isinstance(gm, torch.fx.GraphModule)
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "user model was mutated"
+    report = sgfx.get_report(gm)
+    pruned = {r.name for r in report.pruned_layers}
+    expected = {"conv2", "fc1", "fc2"} if isinstance(pattern, str) else {"conv1", "conv2", "fc1", "fc2"}
+    assert pruned == expected
+    parsed = sgfx.parse_pattern(pattern)
+    for name in pruned:
+        w = gm.get_parameter(f"{name}.weight")
+        if isinstance(parsed, sgfx.NMPattern):
+            assert float((w == 0).float().mean()) >= parsed.sparsity  # exact (or more, dead inputs)
+            if w.dim() == 4:
+                assert conv_via_loops_ok(w, parsed.n, parsed.m)
+        else:
+            assert int((w == 0).sum()) >= round(0.5 * w.numel())
+    assert sgfx.check_pattern(gm, pattern)
+    if isinstance(pattern, str):  # the ineligible first conv stays dense and is reported
+        conv1 = next(r for r in report.layers if r.name == "conv1")
+        assert conv1.status == "skipped" and "not divisible" in conv1.reason
+        torch.testing.assert_close(gm.conv1.weight, model.conv1.weight, rtol=0, atol=0)
+    x = torch.randn(8, 3, 16, 16, generator=gen)
+    out, ref = gm(x), model(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    # Everything but the pruned weights is unchanged: the dense model with the pruned weights loaded agrees.
+    patched = copy.deepcopy(model)
+    patched.load_state_dict(gm.state_dict())
+    torch.testing.assert_close(patched(x), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_same_result_twice(gen):
+    model = randomize_bn(ConvBnNet(), gen).eval()
+    calib = _calib(gen)
+    a = sgfx.sparsify(model, calib, "2:4")
+    b = sgfx.sparsify(model, calib, "2:4")
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_sequential_hessian_comes_from_pruned_inputs(gen, monkeypatch):
+    """The second layer's Hessian equals one built by hand from the *pruned* first layer's outputs."""
+    model = TwoLayer().eval()
+    calib = [torch.randn(4, 8, 10, 10, generator=gen) for _ in range(3)]
+    seen = {}
+    real = sgfx.api.sparsegpt_prune
+
+    def spy(weight, hessian, *args, **kwargs):
+        seen[weight.shape] = hessian.clone()
+        return real(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(sgfx.api, "sparsegpt_prune", spy)
+    gm = sgfx.sparsify(model, calib, "2:4")
+    conv2 = gm.conv2
+    layer = sgfx.layers.PrunableLayer.from_module("conv2", conv2)
+    perm = sgfx.layers.conv_column_permutation(16, (3, 3))
+
+    def by_hand(first_layer):
+        rows = []
+        for x in calib:
+            h = F.relu(first_layer(x))
+            cols = F.unfold(h, 3, padding=1, stride=2)  # (B, 16·9, L)
+            rows.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+        return hessian_of(torch.cat(rows))[perm][:, perm]
+
+    got = seen[(8, 16 * 9)]
+    torch.testing.assert_close(got, by_hand(gm.conv1), rtol=1e-5, atol=1e-6)
+    dense_version = by_hand(model.conv1)
+    assert not torch.allclose(got, dense_version, rtol=1e-3, atol=1e-4), "Hessian was built from dense inputs"
+    assert layer.columns == 16 * 9
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_sparsegpt_layer_error_below_magnitude(gen):
+    model = randomize_bn(ConvBnNet(), gen).eval()
+    calib = _calib(gen)
+    errors = {}
+    for method in ("sparsegpt", "magnitude"):
+        records = sgfx.get_report(sgfx.sparsify(model, calib, "2:4", method=method)).pruned_layers
+        errors[method] = {r.name: r.rel_error for r in records}
+    for name, err in errors["sparsegpt"].items():
+        assert err < errors["magnitude"][name], name
+
+
+def test_reported_error_matches_outputs(gen):
+    model = TwoLayer().eval()
+    calib = [torch.randn(4, 8, 10, 10, generator=gen)]
+    gm = sgfx.sparsify(model, calib, "2:4")
+    record = next(r for r in sgfx.get_report(gm).layers if r.name == "conv1")
+    x = calib[0]
+    torch.set_grad_enabled(False)
+    dense = F.conv2d(x, model.conv1.weight, None, padding=1)
+    pruned = F.conv2d(x, gm.conv1.weight, None, padding=1)
+    expected = float((dense - pruned).square().sum() / dense.square().sum())
+    torch.set_grad_enabled(True)
+    assert record.rel_error == pytest.approx(expected, rel=1e-4)
+
+
+def test_functional_layers_are_pruned(gen):
+    model = Functional().eval()
+    gm = sgfx.sparsify(model, _calib(gen, shape=(8, 6, 6)), "2:4")
+    names = {r.name for r in sgfx.get_report(gm).pruned_layers}
+    assert names == {"w_conv", "w_fc"}
+    assert conv_via_loops_ok(gm.w_conv, 2, 4)
+    assert sgfx.check_pattern(gm.w_fc, "2:4")
+    assert not torch.equal(gm.w_conv, model.w_conv)
+
+
+def test_grouped_conv_and_depthwise(gen):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16)).eval()
+    with pytest.warns(UserWarning, match="left dense"):
+        gm = sgfx.sparsify(model, torch.randn(8, 8, 6, 6, generator=gen), "2:4")
+    status = {r.name: r.status for r in sgfx.get_report(gm).layers}
+    assert status == {"0": "pruned", "2": "skipped"}
+    assert conv_via_loops_ok(gm.get_parameter("0.weight"), 2, 4)
+
+
+def test_half_precision_model(gen):
+    model = TwoLayer().eval().half()
+    calib = [torch.randn(4, 8, 10, 10, generator=gen).half()]
+    gm = sgfx.sparsify(model, calib, "2:4")
+    assert all(p.dtype == torch.float16 for p in gm.parameters())
+    assert sgfx.check_pattern(gm, "2:4")
+    assert model.conv1.weight.dtype == torch.float16 and bool((model.conv1.weight != 0).all())
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_training_mode_warns_and_is_restored(gen):
+    model = randomize_bn(ConvBnNet(), gen).train()
+    with pytest.warns(UserWarning, match="training mode"):
+        gm = sgfx.sparsify(model, _calib(gen), "2:4")
+    assert gm.training and model.training
+    # calibration used running statistics (eval): pruning in train mode would have changed them
+    assert torch.equal(gm.bn1.running_mean, model.bn1.running_mean)
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_skip_globs_and_unmatched_skip(gen):
+    model = ConvBnNet().eval()
+    with pytest.warns(UserWarning, match="'nothing\\*' matched no prunable layer"):
+        gm = sgfx.sparsify(model, _calib(gen), "2:4", skip=["fc*", "nothing*"])
+    status = {r.name: (r.status, r.reason) for r in sgfx.get_report(gm).layers}
+    assert status["fc1"] == ("skipped", "skip='fc*'") and status["fc2"][0] == "skipped"
+    assert status["conv2"][0] == "pruned"
+    assert torch.equal(gm.fc1.weight, model.fc1.weight)
+
+
+def test_config_object(gen):
+    config = sgfx.SparsifyConfig("4:8", method="magnitude", skip="conv2")
+    gm = sgfx.sparsify(TwoLayer().eval(), torch.randn(2, 8, 6, 6, generator=gen), config)
+    assert sgfx.get_report(gm).method == "magnitude" and sgfx.check_pattern(gm, "4:8")
+    with pytest.raises(TypeError, match="not both"):
+        sgfx.sparsify(TwoLayer(), torch.randn(2, 8, 6, 6), config, method="sparsegpt")
+
+
+def test_dataloader_of_labelled_batches(gen):
+    data = torch.utils.data.TensorDataset(torch.randn(20, 8, 6, 6, generator=gen), torch.zeros(20, dtype=torch.long))
+    gm = sgfx.sparsify(TwoLayer().eval(), torch.utils.data.DataLoader(data, batch_size=8), "2:4")
+    assert sgfx.get_report(gm).layers[0].samples == 20 * 36
+
+
+def test_graph_module_input_not_mutated(gen):
+    traced = torch.fx.symbolic_trace(TwoLayer().eval())
+    before = _state(traced)
+    gm = sgfx.sparsify(traced, torch.randn(2, 8, 6, 6, generator=gen), "2:4")
+    assert gm is not traced and all(torch.equal(v, traced.state_dict()[k]) for k, v in before.items())
+
+
+def test_leaf_modules_stay_dense(gen):
+    model = nn.Sequential(TwoLayer(), nn.Conv2d(8, 8, 1)).eval()
+    gm = sgfx.sparsify(model, torch.randn(2, 8, 6, 6, generator=gen), "2:4", leaf_modules=[TwoLayer])
+    assert [r.name for r in sgfx.get_report(gm).layers] == ["1"]
+
+
+def test_report_table_and_records(gen):
+    gm = sgfx.sparsify(TwoLayer().eval(), torch.randn(2, 8, 6, 6, generator=gen), "2:4")
+    table = sgfx.report(gm)
+    assert "conv1" in table and "conv2" in table and "2:4" in table and "rel. error" in table
+    rows = sgfx.get_report(gm).to_dicts()
+    assert rows[0]["name"] == "conv1" and rows[0]["status"] == "pruned" and rows[0]["sparsity"] == 0.5
+    assert "|" in sgfx.report(gm, tablefmt="github")
+    with pytest.raises(ValueError, match="no sgfx report"):
+        sgfx.report(TwoLayer())
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad", ["2:2", "0:4", "5:4", "2-4", "abc", "", 1.5, 0, 1, -0.2, 0.0])
+def test_bad_patterns_raise_value_error(bad):
+    with pytest.raises(ValueError, match="accepted"):
+        sgfx.sparsify(TwoLayer(), torch.randn(1, 8, 6, 6), bad)
+
+
+@pytest.mark.parametrize("bad", [None, True, [2, 4], object()])
+def test_bad_pattern_types_raise_type_error(bad):
+    with pytest.raises(TypeError):
+        sgfx.sparsify(TwoLayer(), torch.randn(1, 8, 6, 6), bad)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(method="wanda2"), "unknown method"),
+        (dict(blocksize=0), "blocksize"),
+        (dict(blocksize=6), "multiple of M=4"),
+        (dict(percdamp=-1.0), "percdamp"),
+        (dict(device="nonsense"), "invalid device"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        sgfx.sparsify(TwoLayer(), torch.randn(1, 8, 6, 6), "2:4", **options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        sgfx.sparsify(TwoLayer(), torch.randn(1, 8, 6, 6), "2:4", device="cuda")
+
+
+@pytest.mark.parametrize("calib, error, message", [
+    ([], ValueError, "empty"),
+    (iter([]), ValueError, "empty"),
+    (torch.empty(0, 8, 6, 6), ValueError, "empty"),
+    ([torch.full((1, 8, 6, 6), float("nan"))], ValueError, "NaN or Inf"),
+    ([torch.randn(1, 8, 6, 6), torch.full((1, 8, 6, 6), float("inf"))], ValueError, "batch 1 contains NaN"),
+    (None, TypeError, "calib"),
+    (42, TypeError, "calib"),
+    (["not a tensor"], TypeError, "batch 0"),
+])
+def test_bad_calibration_data(calib, error, message):
+    with pytest.raises(error, match=message):
+        sgfx.sparsify(TwoLayer(), calib, "2:4")
+
+
+class _FixedBatch(nn.Module):
+    """Works only on batches of 2: adds a (2, 8) table after its Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 8)
+        self.register_buffer("table", torch.ones(2, 8))
+
+    def forward(self, x):
+        return self.fc(x) + self.table
+
+
+def test_wrong_calibration_shape_names_the_node():
+    with pytest.raises(sgfx.CalibrationError, match=r"node `%conv1.*expects a \(B, 8, H, W\) input, got shape \(2, 3, 6, 6\)"):
+        sgfx.sparsify(TwoLayer().eval(), torch.randn(2, 3, 6, 6), "2:4")
+    model = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(12, 4))
+    with pytest.raises(sgfx.CalibrationError, match=r"node `%_2.*in_features 12"):
+        sgfx.sparsify(model, torch.randn(2, 3, 6, 6), "2:4")
+    with pytest.raises(sgfx.CalibrationError, match=r"node `%add.*batch 1 \(input shape \(3, 12\)\).*size of tensor"):
+        sgfx.sparsify(_FixedBatch().eval(), [torch.randn(2, 12), torch.randn(3, 12)], 0.5)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        sgfx.sparsify(lambda x: x, torch.randn(1, 8), "2:4")
+
+
+def test_no_prunable_layers_warns_and_returns_graph():
+    model = nn.Sequential(nn.ReLU(), nn.Flatten()).eval()
+    with pytest.warns(UserWarning, match="no prunable"):
+        gm = sgfx.sparsify(model, torch.randn(2, 3, 4, 4), "2:4")
+    assert isinstance(gm, torch.fx.GraphModule) and sgfx.get_report(gm).layers == []
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return self.fc(x)
+        return x
+
+
+def test_untraceable_model_names_the_construct():
+    with pytest.raises(sgfx.TraceError, match=r"(?s)test_sparsify.py:\d+ in forward: if x.sum\(\) > 0.*leaf_modules"):
+        sgfx.sparsify(_DataDependent(), torch.randn(2, 8), "2:4")
+
+
+def test_check_pattern_detects_violations(gen):
+    w = torch.randn(4, 8, 3, 3, generator=gen)
+    assert not sgfx.check_pattern(w, "2:4")
+    w_ok = w.clone()
+    w_ok[:, 1::2] = 0  # 2 of every 4 input channels zero ...
+    assert sgfx.check_pattern(w_ok, "2:4")
+    w_kw = w.clone()
+    w_kw[..., 1:] = 0  # ... but zeros along the kernel width are not N:M along input channels
+    w_kw[..., 0] = 1.0
+    assert sgfx.check_pattern(w_kw, "2:4").violations == {"weight": 4 * 3 * 2}
+    with pytest.raises(ValueError, match="not divisible"):
+        sgfx.check_pattern(torch.randn(4, 6), "2:4")
+    assert sgfx.check_pattern(torch.tensor([[0.0, 1.0, 0.0, 2.0]]), 0.5)
+    assert not sgfx.check_pattern(torch.tensor([[0.0, 1.0, 3.0, 2.0]]), 0.5)
