@@ -1,0 +1,68 @@
+"""All seed models: 2:4 (or --pattern) for each method, plus an unstructured sparsity sweep with a plot.
+
+    python examples/run_sweep.py --models mnist_cnn cifar_cnn resnet18_cifar --out runs/sweep.json
+    python examples/run_sweep.py --models cifar_cnn --sparsities 0.1 0.3 0.5 0.7 0.9 --plot runs/sweep.png
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from common import (
+    MODELS, build_parser, evaluate, format_rows, load_dataset, load_or_train, parse_pattern_arg,
+    sparsify_and_evaluate, write_rows,
+)
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and r["pattern"].endswith("unstructured")]
+        for method in sorted({r["method"] for r in mine}):
+            points = sorted((float(r["pattern"].split("%")[0]) / 100, r["pruned"]) for r in mine if r["method"] == method)
+            ax.plot([0.0] + [p[0] for p in points], [mine[0]["baseline"]] + [p[1] for p in points], "o-", label=method)
+        ax.set(title=model, xlabel="unstructured sparsity", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> list[dict]:
+    parser = build_parser("Sweep the seed models: N:M per method and an unstructured sparsity curve.")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sparsities", nargs="*", type=float, default=[], help="unstructured fractions to sweep")
+    parser.add_argument("--plot", type=Path, default=None, help="accuracy-vs-sparsity plot (.png)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    rows = []
+    for name in args.models:
+        spec = MODELS[name]
+        model, _ = load_or_train(name, args)
+        train_set = load_dataset(spec.dataset, True, args.data_dir, args.cache_dir, args.download)
+        test_set = load_dataset(spec.dataset, False, args.data_dir, args.cache_dir, args.download)
+        if args.test_samples:
+            test_set = test_set.subset(args.test_samples, args.seed)
+        dense = evaluate(model, test_set, args.batch_size, desc=f"eval {name} dense")
+        for pattern in [parse_pattern_arg(args.pattern)] + list(args.sparsities):
+            rows += sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, pattern,
+                                          args.calib_samples, args.seed, args.batch_size)
+    print(format_rows(rows))
+    write_rows(rows, args.out)
+    if args.sparsities:
+        plot_path = args.plot or (args.out.with_suffix(".png") if args.out else Path("sweep.png"))
+        plot_sweep(rows, plot_path)
+        print(f"plot: {plot_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

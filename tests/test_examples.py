@@ -1,0 +1,144 @@
+"""The seed models, the example data loaders (on fake data trees made here) and one example run end to end."""
+
+import gzip
+import json
+import pathlib
+import struct
+import sys
+import tarfile
+
+import pytest
+import torch
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import common  # noqa: E402
+from conftest import SHARED  # noqa: E402
+
+INPUT_SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("name", list(common.MODELS))
+def test_model_forward_shape_and_parameter_count(name):
+    spec = common.MODELS[name]
+    model = spec.build().eval()
+    assert sum(p.numel() for p in model.parameters()) == spec.params
+    with torch.no_grad():
+        out = model(torch.randn(2, *INPUT_SHAPES[spec.dataset]))
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "cifar_cnn", "resnet18_cifar"])
+def test_shared_checkpoints_load(name):
+    spec = common.MODELS[name]
+    path = SHARED / "checkpoints" / f"{spec.checkpoint}.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    model = spec.build()
+    model.load_state_dict(torch.load(path, weights_only=True))  # strict: keys and shapes must match
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["dataset"] in ("fashion-mnist", "cifar10-jpg")
+    assert tuple(meta["normalize"]["mean"]) == pytest.approx(common.NORMALIZE[spec.dataset][0])
+
+
+def _write_idx(path, array: torch.Tensor):
+    code = 0x08  # unsigned byte
+    header = struct.pack(">I", (code << 8) | array.dim()) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.to(torch.uint8).numpy().tobytes())
+
+
+def _fake_fashion_mnist(folder, n_train=96, n_test=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28, generator=gen) * 60).to(torch.uint8)
+        for i, label in enumerate(labels):  # a learnable signal: a bright row per class
+            images[i, 2 + 2 * int(label)] = 250
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_fashion_mnist_loader_reads_idx_files(tmp_path):
+    source = _fake_fashion_mnist(tmp_path / "fmnist")
+    train = common.load_fashion_mnist(True, source, tmp_path / "cache")
+    test = common.load_fashion_mnist(False, source, tmp_path / "cache")
+    assert train.images.shape == (96, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert test.labels.tolist() == [i % 10 for i in range(32)]
+    assert int(train.images[3, 0, 2 + 2 * 3].min()) == 250
+    images, labels = next(train.batches(16))
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.float32
+    torch.testing.assert_close(images.mean(), ((train.images[:16].float() / 255 - 0.286) / 0.353).mean())
+
+
+def test_missing_data_says_where_it_looked(tmp_path):
+    with pytest.raises(common.DataNotFoundError, match=r"(?s)looked in .*empty.*dataset-fashion-mnist"):
+        common.load_fashion_mnist(True, tmp_path / "empty", tmp_path / "cache")
+    with pytest.raises(common.DataNotFoundError, match="no CIFAR-10 data in"):
+        common.load_cifar10(True, tmp_path / "empty", tmp_path / "cache")
+
+
+def _fake_cifar_tree(root, per_class=2):
+    from PIL import Image
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (c * 20, i * 50, 100)).save(folder / f"{i:04d}.png")
+    return root
+
+
+def test_cifar_image_folder_and_archive(tmp_path):
+    tree = _fake_cifar_tree(tmp_path / "cifar10-jpg")
+    test = common.load_cifar10(False, tree, tmp_path / "cache")
+    assert test.images.shape == (20, 3, 32, 32) and test.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert int(test.images[2, 0, 0, 0]) == 20  # class 1 (automobile) red channel
+    cached = list((tmp_path / "cache").glob("cifar10-*-test.pt"))
+    assert len(cached) == 1  # decoded once, cached as tensors
+    archive = tmp_path / "cifar10-jpg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="cifar10-jpg")
+    from_archive = common.load_cifar10(True, archive, tmp_path / "cache2")
+    assert from_archive.images.shape == (20, 3, 32, 32)
+    assert (tmp_path / "cache2" / "cifar10-jpg" / "train" / "truck").is_dir()
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_example_end_to_end_on_tiny_data(tmp_path):
+    """mnist_cnn trained 1 epoch on fake Fashion-MNIST, pruned by both methods, JSON and CSV written."""
+    source = _fake_fashion_mnist(tmp_path / "fmnist")
+    out = tmp_path / "out" / "rows.json"
+    rows = common.run_example("mnist_cnn", [
+        "--epochs", "1", "--data-dir", str(source), "--cache-dir", str(tmp_path / "cache"),
+        "--calib-samples", "32", "--methods", "magnitude", "sparsegpt", "--out", str(out),
+    ])
+    written = json.loads(out.read_text())
+    assert written == rows and [r["method"] for r in written] == ["magnitude", "sparsegpt"]
+    for row in written:
+        assert row["model"] == "mnist_cnn" and row["pattern"] == "2:4" and row["test_samples"] == 32
+        assert 0.0 <= row["pruned"] <= 100.0 and row["drop"] == pytest.approx(row["baseline"] - row["pruned"], abs=0.02)
+        assert row["layers_pruned"] == 3 and row["layers"] == 4  # conv1 (1 channel) stays dense
+    assert out.with_suffix(".csv").read_text().startswith("model,method,pattern,baseline")
+    assert (tmp_path / "cache" / "checkpoints" / "simple_cnn_e1.pt").is_file()  # the trained model is cached
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_sweep_writes_plot(tmp_path):
+    import run_sweep
+
+    pytest.importorskip("matplotlib")
+    source = _fake_fashion_mnist(tmp_path / "fmnist")
+    rows = run_sweep.main([
+        "--models", "mnist_cnn", "--epochs", "1", "--data-dir", str(source), "--cache-dir", str(tmp_path / "c"),
+        "--calib-samples", "16", "--methods", "magnitude", "--sparsities", "0.3", "0.6",
+        "--out", str(tmp_path / "sweep.json"),
+    ])
+    assert [r["pattern"] for r in rows] == ["2:4", "30% unstructured", "60% unstructured"]
+    png = tmp_path / "sweep.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
