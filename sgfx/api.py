@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -14,6 +15,7 @@ from torch import nn
 from .config import SparsifyConfig
 from .layers import PrunableLayer
 from .obs import FactorizationError, magnitude_prune, sparsegpt_prune
+from .passes.bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
 from .passes.sequential_prune import SequentialPruner, find_prunable_layers, match_skip
 from .passes.trace import trace
 from .report import REPORT_KEY, LayerRecord, SparsityReport
@@ -23,7 +25,8 @@ __all__ = ["sparsify", "calibration_batches"]
 logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args")
+_OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args",
+                 "bn_reestimate")
 
 
 def calibration_batches(calib: Any) -> list[torch.Tensor]:
@@ -94,13 +97,26 @@ def _model_device(gm: nn.Module) -> torch.device:
 
 
 def _relative_error(layer: PrunableLayer, inputs: list[torch.Tensor], dense: torch.Tensor) -> float:
-    """‖WX − ŴX‖² / ‖WX‖² over all calibration inputs (the layer's linear map, bias excluded)."""
+    """‖WX − ŴX‖² / ‖WX‖² over all calibration inputs (the layer's linear map, bias excluded), by forward passes."""
     delta = dense - layer.weight.detach().float()
     num = den = 0.0
     for x in inputs:
         x = x.float()
         num += float(layer.forward_with(x, delta).square().sum(dtype=torch.float64))
         den += float(layer.forward_with(x, dense).square().sum(dtype=torch.float64))
+    return num / den if den > 0 else 0.0
+
+
+def _relative_error_from_hessians(dense: list[torch.Tensor], pruned: list[torch.Tensor],
+                                  hessians: list[torch.Tensor]) -> float:
+    """The same ratio as ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` per group: cheaper than forwards when cols < samples."""
+    num = den = 0.0
+    for w, w_hat, h in zip(dense, pruned, hessians):
+        h = h.to(w_hat.dtype)
+        w = w.to(w_hat.dtype)
+        delta = w - w_hat  # (rows, cols)
+        num += float(((delta @ h) * delta).sum(dtype=torch.float64))
+        den += float(((w @ h) * w).sum(dtype=torch.float64))
     return num / den if den > 0 else 0.0
 
 
@@ -131,12 +147,16 @@ class _LayerPruner:
                 record.samples = accumulator.samples
                 record.hessian_s = time.perf_counter() - start
                 del accumulator
+                keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forwards
                 results = [
                     sparsegpt_prune(w, h, config.sparsity, config.blocksize, config.percdamp,
-                                    config.max_damping_retries)
+                                    config.max_damping_retries, overwrite_hessian=not keep_hessians)
                     for w, h in zip(matrices, hessians)
                 ]
+                if keep_hessians:
+                    record.rel_error = _relative_error_from_hessians(matrices, [r.weight for r in results], hessians)
                 del hessians
+                record.factor_s = sum(r.factor_s for r in results)
                 record.damping = max(r.damping for r in results)
                 record.damping_retries = max(r.damping_retries for r in results)
                 if record.damping_retries:
@@ -149,7 +169,8 @@ class _LayerPruner:
         record.solve_s = time.perf_counter() - start - record.hessian_s
         record.status = "pruned"
         record.sparsity = float((layer.weight == 0).float().mean())
-        record.rel_error = _relative_error(layer, inputs, dense)
+        if record.rel_error is None:
+            record.rel_error = _relative_error(layer, inputs, dense)
         logger.info(
             "%s %s: sparsity %.3f, rel. error %.3e, %.2f s", layer.name, record.op, record.sparsity,
             record.rel_error, record.hessian_s + record.solve_s,
@@ -170,6 +191,7 @@ def sparsify(
     device: str | torch.device | None = None,
     leaf_modules: Iterable[Any] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    bn_reestimate: bool | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
 ) -> torch.fx.GraphModule:
     """Prune a trained model's Conv2d/Linear weights in one shot, without fine-tuning.
@@ -191,6 +213,8 @@ def sparsify(
         device: where the solves run (e.g. ``"cuda"``); default: where the model is.
         leaf_modules: module types or qualified names the tracer must not enter (their layers stay dense).
         concrete_args: forwarded to the tracer to specialise Python control flow.
+        bn_reestimate: recompute the running statistics of every BatchNorm downstream of a pruned layer from
+            the calibration data, during the sweep (default: on when there is such a BatchNorm).
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
 
     Returns:
@@ -206,7 +230,8 @@ def sparsify(
         >>> gm = sgfx.sparsify(model, calib_loader, "2:4")  # doctest: +SKIP
         >>> print(sgfx.report(gm))  # doctest: +SKIP
     """
-    options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args)))
+    options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args,
+                                       bn_reestimate)))
     config = _resolve_config(sparsity, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -260,8 +285,13 @@ def sparsify(
         warnings.warn("sgfx: no prunable Conv2d/Linear layer in this model; returning the traced graph unchanged",
                       UserWarning, stacklevel=2)
     else:
+        hooks = {}
+        if config.bn_reestimate is not False:
+            batchnorms = batchnorms_after_pruned(gm, set(to_prune))
+            hooks = {node: functools.partial(reestimate_batchnorm, bn) for node, bn in batchnorms.items()}
+            result.bn_reestimated = [str(node.target) for node in batchnorms]
         with torch.no_grad():
-            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback)).run_batches(batches)
+            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback), hooks).run_batches(batches)
     _restore_dtypes(gm, original_dtypes)
     gm.train(was_training)
     result.total_s = time.perf_counter() - started

@@ -126,6 +126,8 @@ class SparsifyConfig:
         leaf_modules: module types or qualified names the tracer must not enter.
         concrete_args: forwarded to ``torch.fx.Tracer.trace`` to specialise control flow.
         max_damping_retries: how many times damping is multiplied by 10 when Cholesky fails.
+        bn_reestimate: re-estimate the statistics of BatchNorms after pruned layers from the calibration data
+            (``None``: on whenever the model has such a BatchNorm).
 
     Example:
         >>> SparsifyConfig("2:4", skip=["fc*"]).sparsity
@@ -141,6 +143,7 @@ class SparsifyConfig:
     leaf_modules: tuple[Any, ...] = ()
     concrete_args: dict[str, Any] | None = field(default=None, compare=False)
     max_damping_retries: int = 6
+    bn_reestimate: bool | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -174,6 +177,8 @@ class SparsifyConfig:
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r} requested but CUDA is not available here")
             set_("device", device)
+        if self.bn_reestimate is not None and not isinstance(self.bn_reestimate, bool):
+            raise TypeError(f"bn_reestimate must be True, False or None, got {self.bn_reestimate!r}")
         if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:
             raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
 

@@ -8,17 +8,23 @@ SparseGPT (Frantar & Alistarh, 2023) visits the columns left to right. With ``U`
 ``H⁻¹`` (``H⁻¹ = Uᵀ U``), pruning weight ``w_ij`` costs ``w_ij² / U_jj²`` and the optimal compensation of the
 row's later weights is ``-(w_ij / U_jj) · U_j,j:``. Columns are processed in blocks: updates inside a block are
 applied eagerly, updates to the columns after it are applied once per block (lazy batch updates).
+
+sgfx never forms ``H⁻¹``. It factors the reversed Hessian once (``H = V Vᵀ``, ``V`` upper, ``U = V⁻¹``) and,
+because a visited column never changes again, rebuilds each block's compensated weights from the final weights
+of the columns before it with one GEMM against ``V``: the same lazy update, at a third of SparseGPT's
+factorisation cost (see ``sparsegpt_prune``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .config import NMPattern, Pattern, Unstructured
 
-__all__ = ["SolveResult", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune"]
+__all__ = ["SolveResult", "reversed_cholesky", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune"]
 
 
 class FactorizationError(RuntimeError):
@@ -32,31 +38,39 @@ class SolveResult:
     loss: float  # OBS objective: sum of w²/(2·U_jj²) over pruned weights (0 for magnitude)
     damping: float = 0.0  # absolute damping finally added to diag(H)
     damping_retries: int = 0  # times the damping was raised x10 because Cholesky failed
+    factor_s: float = 0.0  # seconds spent factorising the Hessian
 
 
-def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
-    """Upper-triangular ``U`` with ``(H + damping·I)⁻¹ = Uᵀ U``, or ``None`` if ``H + damping·I`` is not PD.
+def reversed_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Upper-triangular ``V`` with ``H + damping·I = V Vᵀ``, or ``None`` if that matrix is not PD.
 
-    With ``J`` the reversal permutation and ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is
-    upper triangular with a positive diagonal, hence the Cholesky factor: one factorisation and one triangular
-    inverse instead of factorise, invert, factorise again.
+    With ``J`` the reversal permutation and ``J H J = L Lᵀ`` (ordinary Cholesky), ``V = J L J``. Then
+    ``H⁻¹ = V⁻ᵀ V⁻¹``, so ``U = V⁻¹`` is the upper Cholesky factor of ``H⁻¹`` that OBS needs, and no inverse of
+    the whole Hessian is ever formed: one n³/3 factorisation replaces SparseGPT's factorise, invert, factorise
+    (4n³/3 flops).
     """
-    cols = hessian.shape[0]
     damped = hessian.flip(0, 1)  # (cols, cols), J H J
     damped.diagonal().add_(damping)
     lower, info = torch.linalg.cholesky_ex(damped)
     if int(info) != 0:
         return None
-    eye = torch.eye(cols, dtype=hessian.dtype, device=hessian.device)
-    lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
-    return lower_inv.flip(0, 1)
+    return lower.flip(0, 1)
+
+
+def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Upper-triangular ``U`` with ``(H + damping·I)⁻¹ = Uᵀ U`` (used by tests and small problems)."""
+    factor = reversed_cholesky(hessian, damping)
+    if factor is None:
+        return None
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    return torch.linalg.solve_triangular(factor, eye, upper=True)
 
 
 def _factor_with_retries(hessian: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
     mean_diag = float(hessian.diagonal().mean())
     damping = percdamp * mean_diag if percdamp > 0 else 0.0
     for retry in range(max_retries + 1):
-        factor = upper_cholesky_of_inverse(hessian, damping)
+        factor = reversed_cholesky(hessian, damping)
         if factor is not None:
             return factor, damping, retry
         damping = max(damping * 10.0, 1e-8 * max(mean_diag, 1e-30))
@@ -80,6 +94,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     max_damping_retries: int = 6,
     dtype: torch.dtype = torch.float32,
+    overwrite_hessian: bool = False,
 ) -> SolveResult:
     """Prune ``weight`` to ``pattern`` with SparseGPT's adaptive-mask OBS solve.
 
@@ -91,6 +106,8 @@ def sparsegpt_prune(
         percdamp: damping as a fraction of mean(diag H); raised x10 per failed Cholesky.
         max_damping_retries: how many times to raise the damping before giving up.
         dtype: solve precision.
+        overwrite_hessian: let the solve modify ``hessian`` in place instead of copying it (saves one
+            cols x cols buffer for very wide layers).
 
     Returns:
         SolveResult with the compensated, pruned weight in ``dtype``.
@@ -100,24 +117,35 @@ def sparsegpt_prune(
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
     if isinstance(pattern, NMPattern) and (cols % pattern.m or blocksize % pattern.m):
         raise ValueError(f"columns ({cols}) and blocksize ({blocksize}) must be multiples of M={pattern.m}")
-    work = weight.to(dtype=dtype, copy=True)  # (rows, cols), updated in place
-    hess = hessian.to(dtype=dtype, copy=True)  # (cols, cols)
+    original = weight.to(dtype=dtype, copy=True)  # (rows, cols) W0
+    hess = hessian.to(dtype=dtype, copy=not overwrite_hessian)  # (cols, cols)
     dead = hess.diagonal() == 0  # columns whose input is always zero
     hess.diagonal()[dead] = 1.0
-    work[:, dead] = 0.0
-    hinv, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries)  # (cols, cols) upper
+    original[:, dead] = 0.0
+    started = time.perf_counter()
+    factor, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries)  # V, (cols, cols) upper
+    factor_s = time.perf_counter() - started  # exact on CPU; cholesky_ex's info check synchronises CUDA too
     del hess
 
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=work.device)
-    loss = torch.zeros((), dtype=torch.float64, device=work.device)
+    # Visited columns never change again, so the compensated weights of block B before it is visited are
+    #   W[:, B] = W0[:, B] + (W0 - Q)[:, :start] · V[:start, B] · V[B, B]⁻¹
+    # with Q the final (pruned, compensated) weights: one GEMM per block plays SparseGPT's lazy update.
+    final = torch.empty_like(original)  # (rows, cols) Q
+    delta = torch.empty_like(original)  # (rows, cols) W0 - Q, filled block by block
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=original.device)
+    loss = torch.zeros((), dtype=torch.float64, device=original.device)
     counts = _block_prune_counts(pattern, rows, cols, blocksize) if isinstance(pattern, Unstructured) else None
     for block, start in enumerate(range(0, cols, blocksize)):
         stop = min(start + blocksize, cols)
-        w_block = work[:, start:stop]  # (rows, b) view: eager updates land in `work`
-        hinv_block = hinv[start:stop, start:stop]  # (b, b) upper
+        factor_block = factor[start:stop, start:stop]  # (b, b) upper, V[B, B]
+        eye = torch.eye(stop - start, dtype=dtype, device=original.device)
+        hinv_block = torch.linalg.solve_triangular(factor_block, eye, upper=True)  # (b, b) upper, U[B, B]
+        w_block = original[:, start:stop].clone()  # (rows, b)
+        if start:
+            shift = delta[:, :start] @ factor[:start, start:stop]  # (rows, b)
+            w_block += shift @ hinv_block
         diag = hinv_block.diagonal()  # (b,)
-        mask = torch.zeros(rows, stop - start, dtype=torch.bool, device=work.device)  # (rows, b)
-        err_block = torch.zeros_like(w_block)  # (rows, b) scaled errors (w - q) / d
+        mask = torch.zeros(rows, stop - start, dtype=torch.bool, device=original.device)  # (rows, b)
         if counts is not None and counts[block]:
             scores = (w_block.square() / diag.square()).flatten()
             mask.view(-1)[torch.topk(scores, counts[block], largest=False).indices] = True
@@ -127,16 +155,14 @@ def sparsegpt_prune(
                 scores = w_block[:, group].square() / diag[group].square()  # (rows, m)
                 drop = torch.topk(scores, pattern.n_pruned, dim=1, largest=False).indices
                 mask[:, group].scatter_(1, drop, True)
-            w_col = w_block[:, col]
-            err = torch.where(mask[:, col], w_col, 0.0) / diag[col]  # (rows,)
+            err = torch.where(mask[:, col], w_block[:, col], 0.0) / diag[col]  # (rows,) scaled error
             loss += err.square().sum(dtype=torch.float64) / 2
             w_block[:, col:].sub_(err.unsqueeze(1) * hinv_block[col, col:].unsqueeze(0))
-            err_block[:, col] = err
         w_block.masked_fill_(mask, 0.0)  # exact zeros (the update above leaves rounding residue)
+        final[:, start:stop] = w_block
+        torch.sub(original[:, start:stop], w_block, out=delta[:, start:stop])
         pruned[:, start:stop] = mask
-        if stop < cols:
-            work[:, stop:].sub_(err_block @ hinv[start:stop, stop:])  # lazy update of later columns
-    return SolveResult(work, pruned, float(loss), damping, retries)
+    return SolveResult(final, pruned, float(loss), damping, retries, factor_s)
 
 
 def magnitude_prune(weight: torch.Tensor, pattern: Pattern, dtype: torch.dtype = torch.float32) -> SolveResult:

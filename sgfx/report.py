@@ -27,8 +27,9 @@ class LayerRecord:
     sparsity: float = 0.0  # achieved fraction of exact zeros in the weight
     rel_error: float | None = None  # ‖WX − ŴX‖² / ‖WX‖² over the calibration inputs (bias excluded)
     samples: int = 0  # input vectors the Hessian was built from
-    hessian_s: float = 0.0
-    solve_s: float = 0.0
+    hessian_s: float = 0.0  # building the Hessian from the calibration inputs
+    factor_s: float = 0.0  # factorising it (part of solve_s)
+    solve_s: float = 0.0  # the OBS solve, factorisation included, and the write-back
     damping: float | None = None
     damping_retries: int = 0
     weight_name: str = ""  # qualified name of the weight tensor in the GraphModule
@@ -46,6 +47,7 @@ class SparsityReport:
     method: str
     layers: list[LayerRecord] = field(default_factory=list)
     total_s: float = 0.0
+    bn_reestimated: list[str] = field(default_factory=list)  # BatchNorms whose statistics were re-estimated
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]
@@ -55,7 +57,7 @@ class SparsityReport:
         return [record for record in self.layers if record.pruned]
 
     def table(self, tablefmt: str = "simple") -> str:
-        headers = ["layer", "type", "weight", "pattern", "sparsity", "rel. error", "solve s", "note"]
+        headers = ["layer", "type", "weight", "pattern", "sparsity", "rel. error", "time s", "note"]
         rows = []
         for r in self.layers:
             note = r.reason if not r.pruned else (f"damping x10^{r.damping_retries}" if r.damping_retries else "")
@@ -67,6 +69,7 @@ class SparsityReport:
         summary = (
             f"sgfx {self.method} {self.pattern}: {len(self.pruned_layers)}/{len(self.layers)} layers pruned "
             f"in {self.total_s:.1f} s"
+            + (f"; {len(self.bn_reestimated)} BatchNorm statistics re-estimated" if self.bn_reestimated else "")
         )
         return summary + "\n" + tabulate(rows, headers=headers, tablefmt=tablefmt)
 

@@ -25,21 +25,29 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("kwargs", CONV_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
-def test_unfold_and_solve_layout_reproduce_conv(kwargs, gen):
+def test_patches_and_solve_layout_reproduce_conv(kwargs, gen):
     conv = nn.Conv2d(**kwargs, bias=False).double()
     x = torch.randn(3, 8, 9, 11, generator=gen, dtype=torch.float64)
     expected = conv(x)  # (B, C_out, H', W')
     layer = PrunableLayer.from_module("conv", conv)
-    patches = layer.unfold(x)  # (B, C·K, L) unfold order
-    b, _, positions = patches.shape
-    groups = layer.num_groups
-    patches = patches.view(b, groups, layer.columns, positions)
-    perm = layers.conv_column_permutation(layer.in_per_group, layer.kernel_size) if conv.kernel_size != (1, 1) \
-        else torch.arange(layer.columns)
-    outputs = [w @ patches[:, g][:, perm] for g, w in enumerate(layer.solve_matrices())]  # (B, rows, L) each
-    got = torch.cat(outputs, dim=1).view_as(expected)
+    patches = layer.patches(x)  # (groups, B·H'·W', cols) in solve order
+    assert patches.shape == (layer.num_groups, 3 * expected.shape[2] * expected.shape[3], layer.columns)
+    outputs = [patches[g] @ w.T for g, w in enumerate(layer.solve_matrices())]  # (B·H'·W', rows) each
+    b, c_out, h, w = expected.shape
+    got = torch.cat(outputs, dim=1).view(b, h, w, c_out).permute(0, 3, 1, 2)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.forward_with(x, conv.weight), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_patches_equal_permuted_unfold(gen):
+    """The patch matrix is F.unfold's, with columns reordered (C_in, kh, kw) -> (kh, kw, C_in)."""
+    conv = nn.Conv2d(8, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    x = torch.randn(2, 8, 7, 9, generator=gen)
+    layer = PrunableLayer.from_module("conv", conv)
+    unfolded = F.unfold(x, (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1))  # (B, C·K, L)
+    rows = unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
+    perm = layers.conv_column_permutation(8, (3, 2))
+    torch.testing.assert_close(layer.patches(x)[0], rows[:, perm], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs", CONV_CASES[:4] + CONV_CASES[6:7], ids=str)
@@ -60,8 +68,11 @@ def test_streaming_conv_hessian_equals_one_shot(kwargs, gen, monkeypatch):
         torch.testing.assert_close(h, block[perm][:, perm], rtol=1e-5, atol=1e-6)
 
 
-def test_streaming_linear_hessian_equals_one_shot(gen, monkeypatch):
+@pytest.mark.parametrize("min_tile, tiles", [(128, 6), (4, 3), (5, 2)])
+def test_streaming_linear_hessian_equals_one_shot(gen, monkeypatch, min_tile, tiles):
     monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(layers, "_MIN_TILE", min_tile)  # several upper-triangle tiles
+    monkeypatch.setattr(layers, "_TILES", tiles)
     lin = nn.Linear(16, 4)
     inputs = [torch.randn(3, 5, 16, generator=gen), torch.randn(7, 16, generator=gen)]  # extra leading dims
     acc = PrunableLayer.from_module("fc", lin).hessian_accumulator()

@@ -116,10 +116,12 @@ def test_sparsegpt_layer_error_below_magnitude(gen):
         assert err < errors["magnitude"][name], name
 
 
-def test_reported_error_matches_outputs(gen):
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])  # from the Hessian / from forward passes
+@pytest.mark.parametrize("images, size", [(4, 10), (1, 4)])  # 400 or 16 input vectors for 72 columns
+def test_reported_error_matches_outputs(gen, method, images, size):
     model = TwoLayer().eval()
-    calib = [torch.randn(4, 8, 10, 10, generator=gen)]
-    gm = sgfx.sparsify(model, calib, "2:4")
+    calib = [torch.randn(images, 8, size, size, generator=gen)]
+    gm = sgfx.sparsify(model, calib, "2:4", method=method)
     record = next(r for r in sgfx.get_report(gm).layers if r.name == "conv1")
     x = calib[0]
     torch.set_grad_enabled(False)

@@ -89,6 +89,8 @@ class SequentialPruner(torch.fx.Interpreter):
         gm: the graph to run (its prunable weights are modified in place).
         layers: prunable nodes to prune, as returned by :func:`find_prunable_layers` (possibly filtered).
         prune: ``prune(layer, inputs)`` prunes ``layer.weight`` given its input for every batch.
+        before_node: optional ``{node: hook}``; ``hook(inputs)`` runs with the node's first input for every batch
+            just before the node runs (BatchNorm re-estimation uses it).
     """
 
     def __init__(
@@ -96,11 +98,13 @@ class SequentialPruner(torch.fx.Interpreter):
         gm: torch.fx.GraphModule,
         layers: dict[Node, PrunableLayer],
         prune: Callable[[PrunableLayer, list[torch.Tensor]], None],
+        before_node: dict[Node, Callable[[list[torch.Tensor]], None]] | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False  # our own error names the node and the batch
         self.layers = layers
         self.prune = prune
+        self.before_node = before_node or {}
         self._batches: list[torch.Tensor] = []
         self._placeholders_seen = 0
 
@@ -139,6 +143,9 @@ class SequentialPruner(torch.fx.Interpreter):
                 raise CalibrationError(f"pruning failed at node `{n.format_node()}`: {exc}") from exc
             except Exception as exc:
                 raise RuntimeError(f"sgfx: pruning failed at node `{n.format_node()}`: {exc}") from exc
+        hook = self.before_node.get(n)
+        if hook is not None:
+            hook(self.env[n.args[0]])
         index = 0
         try:
             outputs = []

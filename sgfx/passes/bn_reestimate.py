@@ -1,0 +1,51 @@
+"""BatchNorm re-estimation after pruning, done inside the sequential sweep.
+
+Why: pruning a conv shifts the mean and variance of its outputs, and a BatchNorm after it keeps normalising with
+the dense model's running statistics. Much of one-shot pruning's accuracy loss on BN networks is this drift, not the
+weights themselves (magnitude 2:4 on ResNet-18 loses ~40 pp, most of which re-estimation recovers).
+
+How: when the sweep reaches a BatchNorm whose input depends on a pruned layer, its running mean and (unbiased)
+variance are replaced by the exact statistics of that input over *all* calibration batches (two passes in float64;
+no momentum, no per-batch averaging), before the node runs. Layers after it are then calibrated on the corrected
+activations. BatchNorms upstream of every pruned layer keep the model's own statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.node import Node
+
+__all__ = ["batchnorms_after_pruned", "reestimate_batchnorm"]
+
+
+def batchnorms_after_pruned(gm: torch.fx.GraphModule, pruned: set[Node]) -> dict[Node, nn.Module]:
+    """BatchNorm call_module nodes with a pruned node among their ancestors, in topological order."""
+    affected: set[Node] = set()
+    found: dict[Node, nn.Module] = {}
+    for node in gm.graph.nodes:
+        if node in pruned or any(arg in affected for arg in node.all_input_nodes):
+            affected.add(node)
+        if node.op == "call_module" and node in affected and node not in pruned:
+            module = gm.get_submodule(node.target)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                found[node] = module
+    return found
+
+
+@torch.no_grad()
+def reestimate_batchnorm(bn: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """Set ``bn``'s running mean / unbiased variance to the statistics of ``inputs`` (per channel, dim 1)."""
+    channels = bn.num_features
+
+    def per_channel(x: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (C, B·...)
+        return x.transpose(0, 1).reshape(channels, -1).double()
+
+    count = sum(x.numel() // channels for x in inputs)
+    if count < 2:
+        return
+    mean = sum(per_channel(x).sum(dim=1) for x in inputs) / count
+    var = sum((per_channel(x) - mean.unsqueeze(1)).square().sum(dim=1) for x in inputs) / (count - 1)
+    bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+    bn.running_var.copy_(var.to(bn.running_var.dtype))
