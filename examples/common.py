@@ -31,8 +31,21 @@ import sgfx
 try:
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover - tqdm is in the examples extra
-    def tqdm(iterable=None, **kwargs):
-        return iterable
+    class tqdm:  # noqa: N801 - a silent stand-in with the few methods used here
+        def __init__(self, iterable=None, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
 
 LOG = logging.getLogger("sgfx.examples")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -307,8 +320,7 @@ def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     return model.eval()
 
 
@@ -367,6 +379,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--methods", nargs="+", default=["magnitude", "sparsegpt"], choices=sgfx.config.METHODS)
     parser.add_argument("--pattern", default="2:4", help='"N:M" or an unstructured fraction')
+    parser.add_argument("--bn", choices=["on", "off", "both"], default="both",
+                        help="BatchNorm re-estimation after pruning (models without BatchNorm run once)")
     parser.add_argument("--calib-samples", type=int, default=256, help="training images used for calibration")
     parser.add_argument("--test-samples", type=int, default=0, help="evaluate on a random subset (0: all)")
     parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
@@ -383,30 +397,38 @@ def parse_pattern_arg(text: str):
         return text
 
 
+def bn_settings(model: nn.Module, bn: str) -> list[bool]:
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not has_bn:
+        return [False]
+    return {"on": [True], "off": [False], "both": [False, True]}[bn]
+
+
 def sparsify_and_evaluate(name: str, model: nn.Module, train_set: ImageSet, test_set: ImageSet, dense: float,
                           methods: Sequence[str], pattern, calib_samples: int, seed: int = 0,
-                          batch_size: int = 500) -> list[dict]:
+                          batch_size: int = 500, bn: str = "both") -> list[dict]:
     calib = [images for images, _ in train_set.subset(calib_samples, seed).batches(64)]
     rows = []
     for method in methods:
-        report_bar = tqdm(total=None, desc=f"{name} {method} {pattern}: layers", leave=False)
-        started = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # listed in the report
-            gm = sgfx.sparsify(model, calib, pattern, method=method,
-                               callback=lambda record: report_bar.update(1) if hasattr(report_bar, "update") else None)
-        elapsed = time.perf_counter() - started
-        if hasattr(report_bar, "close"):
-            report_bar.close()
-        LOG.info("%s", sgfx.report(gm))
-        pruned = evaluate(gm, test_set, batch_size, desc=f"eval {method}")
-        result = sgfx.get_report(gm)
-        rows.append({
-            "model": name, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
-            "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
-            "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
-            "calib_samples": calib_samples, "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
-        })
+        for bn_reestimate in bn_settings(model, bn):
+            layer_bar = tqdm(total=None, desc=f"{name} {method} {pattern}: layers", leave=False)
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # listed in the report
+                gm = sgfx.sparsify(model, calib, pattern, method=method, bn_reestimate=bn_reestimate,
+                                   callback=lambda record: layer_bar.update(1))
+            elapsed = time.perf_counter() - started
+            layer_bar.close()
+            LOG.info("%s", sgfx.report(gm))
+            pruned = evaluate(gm, test_set, batch_size, desc=f"eval {method}")
+            result = sgfx.get_report(gm)
+            rows.append({
+                "model": name, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
+                "bn_reestimate": bn_reestimate,
+                "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
+                "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
+                "calib_samples": calib_samples, "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
+            })
     return rows
 
 
@@ -422,7 +444,7 @@ def write_rows(rows: list[dict], out: Path | None) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    headers = ["model", "method", "pattern", "baseline", "pruned", "drop", "sparsify_s"]
+    headers = ["model", "method", "bn_reestimate", "pattern", "baseline", "pruned", "drop", "sparsify_s"]
     return tabulate([[row[h] for h in headers] for row in rows], headers=headers, tablefmt="github")
 
 
@@ -439,7 +461,7 @@ def run_example(name: str, argv: Sequence[str] | None = None) -> list[dict]:
         test_set = test_set.subset(args.test_samples, args.seed)
     dense = evaluate(model, test_set, args.batch_size, desc="eval dense")
     rows = sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, args.pattern,
-                                 args.calib_samples, args.seed, args.batch_size)
+                                 args.calib_samples, args.seed, args.batch_size, args.bn)
     print(format_rows(rows))
     write_rows(rows, args.out)
     return rows

@@ -9,7 +9,7 @@ Example:
 from .api import calibration_batches, sparsify
 from .check import PatternCheck, check_pattern
 from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
-from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune
+from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.sequential_prune import CalibrationError
 from .passes.trace import TraceError
 from .report import LayerRecord, SparsityReport, get_report, report
@@ -29,6 +29,7 @@ __all__ = [
     "parse_pattern",
     "sparsegpt_prune",
     "magnitude_prune",
+    "wanda_prune",
     "SolveResult",
     "LayerRecord",
     "SparsityReport",

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import SparsifyConfig
 from .layers import PrunableLayer
-from .obs import FactorizationError, magnitude_prune, sparsegpt_prune
+from .obs import FactorizationError, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
 from .passes.sequential_prune import SequentialPruner, find_prunable_layers, match_skip
 from .passes.trace import trace
@@ -128,6 +128,18 @@ class _LayerPruner:
         self.records = records
         self.callback = callback
 
+    @staticmethod
+    def _statistics(layer: PrunableLayer, inputs: list[torch.Tensor], device, record: LayerRecord, start: float,
+                    diagonal_only: bool = False) -> list[torch.Tensor]:
+        """Stream the layer's inputs into its Hessians (or their diagonals); records samples and time."""
+        accumulator = layer.hessian_accumulator(device, diagonal_only)
+        for x in inputs:
+            accumulator.add(x)
+        record.samples = accumulator.samples
+        statistics = accumulator.finalize()
+        record.hessian_s = time.perf_counter() - start
+        return statistics
+
     def __call__(self, layer: PrunableLayer, inputs: list[torch.Tensor]) -> None:
         config = self.config
         record = self.records[layer.name]
@@ -138,15 +150,11 @@ class _LayerPruner:
         try:
             if config.method == "magnitude":
                 results = [magnitude_prune(w, config.sparsity) for w in matrices]
-                record.hessian_s = 0.0
+            elif config.method == "wanda":
+                norms = self._statistics(layer, inputs, device, record, start, diagonal_only=True)
+                results = [wanda_prune(w, d, config.sparsity) for w, d in zip(matrices, norms)]
             else:
-                accumulator = layer.hessian_accumulator(device)
-                for x in inputs:
-                    accumulator.add(x)
-                hessians = accumulator.finalize()
-                record.samples = accumulator.samples
-                record.hessian_s = time.perf_counter() - start
-                del accumulator
+                hessians = self._statistics(layer, inputs, device, record, start)
                 keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forwards
                 results = [
                     sparsegpt_prune(w, h, config.sparsity, config.blocksize, config.percdamp,
@@ -206,7 +214,7 @@ def sparsify(
         calib: one input tensor, or an iterable of batches (tensors, or tuples whose first element is the input).
         sparsity: ``"N:M"`` (at most N nonzeros in every M consecutive input channels, e.g. ``"2:4"``), a float
             in (0, 1) for unstructured sparsity, or a :class:`SparsifyConfig` holding every option.
-        method: ``"sparsegpt"`` (default) or ``"magnitude"``.
+        method: ``"sparsegpt"`` (default), ``"wanda"`` or ``"magnitude"``.
         blocksize: columns per lazy-update block of the OBS solve (default 128).
         percdamp: Hessian damping as a fraction of its mean diagonal (default 0.01).
         skip: layer names or glob patterns to keep dense, e.g. ``["conv1", "fc*"]``.

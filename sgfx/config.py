@@ -23,7 +23,7 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("sparsegpt", "magnitude")
+METHODS = ("sparsegpt", "magnitude", "wanda")
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _ACCEPTED = (
@@ -118,7 +118,7 @@ class SparsifyConfig:
 
     Args:
         sparsity: ``"N:M"`` string, float in (0, 1), or a parsed pattern; stored parsed.
-        method: ``"sparsegpt"`` (OBS with weight updates) or ``"magnitude"`` (baseline).
+        method: ``"sparsegpt"`` (OBS with weight updates), ``"wanda"`` (``|w|·‖x‖``, no update) or ``"magnitude"``.
         blocksize: columns per lazy-update block of the OBS solve.
         percdamp: damping added to the Hessian diagonal, as a fraction of its mean.
         skip: layer names or glob patterns (``fnmatch``) to leave dense.

@@ -182,8 +182,9 @@ class PrunableLayer:
         )
         return view.reshape(groups, batch * out_h * out_w, kh * kw * (channels // groups))
 
-    def hessian_accumulator(self, device: torch.device | None = None) -> "HessianAccumulator":
-        return HessianAccumulator(self, device)
+    def hessian_accumulator(self, device: torch.device | None = None, diagonal_only: bool = False
+                            ) -> "HessianAccumulator":
+        return HessianAccumulator(self, device, diagonal_only)
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer's linear map (no bias) with another weight: used to measure reconstruction error."""
@@ -195,9 +196,10 @@ class PrunableLayer:
 class HessianAccumulator:
     """Streams calibration inputs of one layer into ``H = 2/n Σ x xᵀ`` (one Hessian per conv group)."""
 
-    def __init__(self, layer: PrunableLayer, device: torch.device | None = None):
+    def __init__(self, layer: PrunableLayer, device: torch.device | None = None, diagonal_only: bool = False):
         self.layer = layer
         self.device = device
+        self.diagonal_only = diagonal_only  # only diag(H) = 2/n Σ x_j² (what Wanda needs)
         cols = layer.columns
         # Very wide layers (VGG's 25088-wide classifier) accumulate in float32 to halve a multi-GB buffer.
         self.dtype = torch.float64 if cols <= 16384 else torch.float32
@@ -210,6 +212,12 @@ class HessianAccumulator:
         if self.device is not None:
             rows = rows.to(self.device)
         groups, _, cols = rows.shape
+        if self.diagonal_only:
+            if self.sums is None:
+                self.sums = torch.zeros(groups, cols, dtype=torch.float64, device=rows.device)
+            self.sums += rows.square().sum(dim=1, dtype=torch.float64)
+            self.samples += rows.shape[1]
+            return
         if self.sums is None:
             self.sums = torch.zeros(groups, cols, cols, dtype=self.dtype, device=rows.device)
         tile = max(_MIN_TILE, -(-cols // (_TILES * 64)) * 64)
@@ -242,10 +250,12 @@ class HessianAccumulator:
             self._add_rows(layer.patches(x[start:start + step]))  # (groups, n, cols)
 
     def finalize(self) -> list[torch.Tensor]:
-        """One (cols, cols) Hessian per group, in solve column order."""
+        """One (cols, cols) Hessian per group in solve column order (or its (cols,) diagonal)."""
         if self.sums is None or self.samples == 0:
             raise ValueError(f"{self.layer.name}: no calibration input reached this layer")
         hessians, self.sums = self.sums, None
+        if self.diagonal_only:
+            return list((hessians * (2.0 / self.samples)).unbind(0))
         cols = hessians.shape[-1]
         for i in range(0, cols, _MIN_TILE):  # mirror the computed upper triangle in place, strip by strip
             hessians[:, i + _MIN_TILE:, i:i + _MIN_TILE] = hessians[:, i:i + _MIN_TILE, i + _MIN_TILE:].transpose(1, 2)

@@ -1,4 +1,4 @@
-"""Pruning kernels: SparseGPT's blocked Optimal Brain Surgeon solve, and the magnitude baseline.
+"""Pruning kernels: SparseGPT's blocked Optimal Brain Surgeon solve, and the magnitude and Wanda baselines.
 
 Pure functions on tensors (CPU or CUDA): a weight matrix ``W`` of shape (rows, cols) whose columns are in
 solve order (N:M groups are ``m`` consecutive columns) and, for OBS, the layer Hessian ``H = 2/n X Xᵀ`` of
@@ -24,7 +24,9 @@ import torch
 
 from .config import NMPattern, Pattern, Unstructured
 
-__all__ = ["SolveResult", "reversed_cholesky", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune"]
+__all__ = [
+    "SolveResult", "reversed_cholesky", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
+]
 
 
 class FactorizationError(RuntimeError):
@@ -77,6 +79,9 @@ def _factor_with_retries(hessian: torch.Tensor, percdamp: float, max_retries: in
     raise FactorizationError(
         f"Hessian is not positive definite even with damping {damping:.3g} after {max_retries} retries"
     )
+
+
+_SUB_BLOCK = 8  # unstructured: columns updated eagerly together before one GEMM updates the rest of the block
 
 
 def _block_prune_counts(pattern: Unstructured, rows: int, cols: int, blocksize: int) -> list[int]:
@@ -149,37 +154,66 @@ def sparsegpt_prune(
         if counts is not None and counts[block]:
             scores = (w_block.square() / diag.square()).flatten()
             mask.view(-1)[torch.topk(scores, counts[block], largest=False).indices] = True
-        for col in range(stop - start):
-            if isinstance(pattern, NMPattern) and col % pattern.m == 0:
-                group = slice(col, col + pattern.m)
-                scores = w_block[:, group].square() / diag[group].square()  # (rows, m)
+        errors = torch.empty_like(w_block)  # (rows, b) scaled errors (w - q) / d
+        step = pattern.m if isinstance(pattern, NMPattern) else _SUB_BLOCK
+        for sub in range(0, stop - start, step):  # eager updates inside a sub-block, one GEMM for the rest
+            end = min(sub + step, stop - start)
+            if isinstance(pattern, NMPattern):  # choose the group's mask from the compensated weights
+                scores = w_block[:, sub:end].square() / diag[sub:end].square()  # (rows, m)
                 drop = torch.topk(scores, pattern.n_pruned, dim=1, largest=False).indices
-                mask[:, group].scatter_(1, drop, True)
-            err = torch.where(mask[:, col], w_block[:, col], 0.0) / diag[col]  # (rows,) scaled error
-            loss += err.square().sum(dtype=torch.float64) / 2
-            w_block[:, col:].sub_(err.unsqueeze(1) * hinv_block[col, col:].unsqueeze(0))
-        w_block.masked_fill_(mask, 0.0)  # exact zeros (the update above leaves rounding residue)
+                mask[:, sub:end].scatter_(1, drop, True)
+            scale = mask[:, sub:end] / diag[sub:end]  # (rows, s): 1/d where pruned, else 0
+            w_sub, err_sub = w_block[:, sub:end], errors[:, sub:end]
+            for col in range(end - sub):
+                torch.mul(w_sub[:, col], scale[:, col], out=err_sub[:, col])
+                if col + 1 < end - sub:
+                    w_sub[:, col + 1:].addr_(err_sub[:, col], hinv_block[sub + col, sub + col + 1:end], alpha=-1)
+            if end < stop - start:
+                w_block[:, end:].addmm_(err_sub, hinv_block[sub:end, end:], alpha=-1)
+        loss += errors.square().sum(dtype=torch.float64) / 2
+        w_block.masked_fill_(mask, 0.0)  # pruned weights are exactly zero
         final[:, start:stop] = w_block
         torch.sub(original[:, start:stop], w_block, out=delta[:, start:stop])
         pruned[:, start:stop] = mask
     return SolveResult(final, pruned, float(loss), damping, retries, factor_s)
 
 
-def magnitude_prune(weight: torch.Tensor, pattern: Pattern, dtype: torch.dtype = torch.float32) -> SolveResult:
-    """Zero the smallest-magnitude weights: per group of M columns for N:M, per layer for unstructured."""
+def _prune_lowest(weight: torch.Tensor, scores: torch.Tensor, pattern: Pattern, per_row: bool,
+                  dtype: torch.dtype) -> SolveResult:
+    """Zero the lowest-scoring weights: per group of M columns (N:M), per row or per layer (unstructured)."""
     rows, cols = weight.shape
     work = weight.to(dtype=dtype, copy=True)
-    magnitude = work.abs()
     if isinstance(pattern, NMPattern):
         if cols % pattern.m:
             raise ValueError(f"columns ({cols}) must be a multiple of M={pattern.m}")
-        groups = magnitude.view(rows, cols // pattern.m, pattern.m)
+        groups = scores.view(rows, cols // pattern.m, pattern.m)
         drop = torch.topk(groups, pattern.n_pruned, dim=2, largest=False).indices
         pruned = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, drop, True).view(rows, cols)
+    elif per_row:
+        drop = torch.topk(scores, round(pattern.sparsity * cols), dim=1, largest=False).indices
+        pruned = torch.zeros(rows, cols, dtype=torch.bool, device=work.device).scatter_(1, drop, True)
     else:
         count = round(pattern.sparsity * rows * cols)
         pruned = torch.zeros(rows * cols, dtype=torch.bool, device=work.device)
-        pruned[torch.topk(magnitude.flatten(), count, largest=False).indices] = True
+        pruned[torch.topk(scores.flatten(), count, largest=False).indices] = True
         pruned = pruned.view(rows, cols)
     work.masked_fill_(pruned, 0.0)
     return SolveResult(work, pruned, 0.0)
+
+
+def magnitude_prune(weight: torch.Tensor, pattern: Pattern, dtype: torch.dtype = torch.float32) -> SolveResult:
+    """Zero the smallest-magnitude weights: per group of M columns for N:M, per layer for unstructured."""
+    return _prune_lowest(weight, weight.abs().to(dtype), pattern, per_row=False, dtype=dtype)
+
+
+def wanda_prune(weight: torch.Tensor, input_sq_norms: torch.Tensor, pattern: Pattern,
+                dtype: torch.dtype = torch.float32) -> SolveResult:
+    """Wanda (Sun et al., 2023): zero the weights with the lowest ``|w_ij| · ‖x_j‖``, no weight update.
+
+    Args:
+        weight: (rows, cols) in solve column order.
+        input_sq_norms: (cols,) squared input norms per column, e.g. ``diag(H)`` (any positive scale).
+        pattern: N:M groups along columns, or an unstructured fraction compared per output row.
+    """
+    scores = weight.abs().to(dtype) * input_sq_norms.to(dtype=dtype, device=weight.device).clamp_min(0).sqrt()
+    return _prune_lowest(weight, scores, pattern, per_row=True, dtype=dtype)

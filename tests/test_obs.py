@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference import correlated_inputs, hessian_of, per_column_obs
-from sgfx import FactorizationError, NMPattern, Unstructured, magnitude_prune, sparsegpt_prune
+from sgfx import FactorizationError, NMPattern, Unstructured, magnitude_prune, sparsegpt_prune, wanda_prune
 from sgfx.obs import upper_cholesky_of_inverse
 
 PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8), Unstructured(0.5), Unstructured(0.3)]
@@ -123,3 +123,20 @@ def test_shape_errors(gen):
         sparsegpt_prune(weight, hessian[:8, :8], NMPattern(2, 4))
     with pytest.raises(ValueError, match="multiples of M"):
         sparsegpt_prune(weight[:, :14], hessian[:14, :14], NMPattern(2, 4))
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(4, 8), Unstructured(0.5)], ids=str)
+def test_wanda_prunes_lowest_weight_times_input_norm(gen, pattern):
+    weight = torch.randn(6, 16, generator=gen)
+    x = correlated_inputs(100, 16, gen) * torch.linspace(0.1, 3.0, 16)  # columns of very different scales
+    norms = (x.square().sum(0) * 2 / 100).float()  # diag(H)
+    result = wanda_prune(weight, norms, pattern)
+    scores = weight.abs() * x.norm(dim=0)
+    size = pattern.m if isinstance(pattern, NMPattern) else 16  # unstructured: compared per output row
+    keep = pattern.n if isinstance(pattern, NMPattern) else 8
+    for row in range(6):
+        for g in range(0, 16, size):
+            kept = result.weight[row, g:g + size] != 0
+            assert int(kept.sum()) == keep
+            assert float(scores[row, g:g + size][kept].min()) >= float(scores[row, g:g + size][~kept].max())
+    torch.testing.assert_close(result.weight[~result.pruned], weight[~result.pruned])

@@ -26,7 +26,7 @@ def _state(model):
 
 @pytest.mark.filterwarnings("ignore:sgfx.*left dense")
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
-@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude", "wanda"])
 def test_end_to_end_small_cnn(gen, pattern, method):
     model = randomize_bn(ConvBnNet(), gen).eval()
     before = _state(model)
@@ -109,11 +109,12 @@ def test_sparsegpt_layer_error_below_magnitude(gen):
     model = randomize_bn(ConvBnNet(), gen).eval()
     calib = _calib(gen)
     errors = {}
-    for method in ("sparsegpt", "magnitude"):
+    for method in ("sparsegpt", "magnitude", "wanda"):
         records = sgfx.get_report(sgfx.sparsify(model, calib, "2:4", method=method)).pruned_layers
         errors[method] = {r.name: r.rel_error for r in records}
     for name, err in errors["sparsegpt"].items():
         assert err < errors["magnitude"][name], name
+        assert err < errors["wanda"][name], name
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])  # from the Hessian / from forward passes
@@ -236,7 +237,7 @@ def test_bad_pattern_types_raise_type_error(bad):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(method="wanda2"), "unknown method"),
+        (dict(method="obs"), "unknown method"),
         (dict(blocksize=0), "blocksize"),
         (dict(blocksize=6), "multiple of M=4"),
         (dict(percdamp=-1.0), "percdamp"),
