@@ -8,11 +8,13 @@ Example:
 
 from .api import calibration_batches, sparsify
 from .check import PatternCheck, check_pattern
+from .lowering import lower
 from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
 from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.sequential_prune import CalibrationError
 from .passes.trace import TraceError
 from .report import LayerRecord, SparsityReport, get_report, report
+from .serialization import SgfxFormatError, load, save
 
 __version__ = "0.1.0"
 
@@ -36,5 +38,9 @@ __all__ = [
     "CalibrationError",
     "TraceError",
     "FactorizationError",
+    "save",
+    "lower",
+    "load",
+    "SgfxFormatError",
     "__version__",
 ]

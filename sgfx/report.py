@@ -48,6 +48,7 @@ class SparsityReport:
     layers: list[LayerRecord] = field(default_factory=list)
     total_s: float = 0.0
     bn_reestimated: list[str] = field(default_factory=list)  # BatchNorms whose statistics were re-estimated
+    lowering: list[Any] = field(default_factory=list)  # LoweringDecision per layer, once sgfx.lower ran
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]

@@ -1,0 +1,393 @@
+"""Compressed, safe save/load of sparsified GraphModules.
+
+Why a format of its own: ``torch.save(gm)`` pickles code, so loading it can run arbitrary code, and a dense
+state_dict stores every pruned zero. An ``.sgfx`` file is a ``torch.save`` archive holding only plain tensors and
+one JSON string, read back with ``torch.load(weights_only=True)``:
+
+- the graph as JSON nodes; call targets must resolve to native torch ops, ``torch.nn.functional``, ``operator`` or
+  ``math`` functions, public ``Tensor`` methods, or ``torch.nn`` module classes rebuilt from their constructor
+  arguments — never to anything else, so loading (and running) the model executes no code from the file;
+- N:M weights as their kept values plus the bit-packed index of each value inside its group of M (groups along
+  input channels, as the pruning made them); unstructured ones as a bitmask plus the nonzero values; everything
+  else as it is;
+- a SHA-256 digest per tensor, checked before anything is built, so a truncated, corrupted or foreign file is
+  rejected with ``SgfxFormatError`` and never yields a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import math
+import operator
+import os
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .config import NMPattern, parse_pattern
+from .report import REPORT_KEY, LayerRecord, SparsityReport
+
+__all__ = ["save", "load", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
+
+_FORMAT, _VERSION = "sgfx", 1
+_SAFE_FUNCTION_MODULES = {"torch.nn.functional": torch.nn.functional, "operator": operator,
+                          "_operator": operator, "math": math}
+_SAFE_BUILTINS = {"getattr": getattr, "len": len, "max": max, "min": min, "abs": abs, "int": int, "float": float}
+
+
+class SgfxFormatError(ValueError):
+    """The file is not a valid sgfx archive (foreign, truncated, corrupted or unsupported)."""
+
+
+# ------------------------------------------------------------------------------------------- weight packing
+def _bits_for(m: int) -> int:
+    needed = max(1, (m - 1).bit_length())
+    return next(b for b in (1, 2, 4, 8) if b >= needed)
+
+
+def _pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack small non-negative ints (< 2**bits) into uint8, 8/bits per byte."""
+    per_byte = 8 // bits
+    flat = values.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per_byte)]).view(-1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    return (flat << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    values = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return values.flatten()[:count].to(torch.int64)
+
+
+def _groups_view(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """(n_groups, m) view-or-copy of the weight with groups along input channels (dim 1)."""
+    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 else weight
+    return w.reshape(-1, m)
+
+
+def pack_nm(weight: torch.Tensor, pattern: NMPattern) -> dict[str, torch.Tensor]:
+    """Kept values (n_groups, N) and bit-packed in-group indices of an N:M weight."""
+    groups = _groups_view(weight, pattern.m)
+    nonzero = groups != 0
+    if int(nonzero.sum(dim=1).max()) > pattern.n:
+        raise ValueError(f"weight does not follow {pattern}: cannot pack it as such")
+    # the N largest-|value| positions of each group hold every nonzero (ties among zeros are harmless)
+    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :pattern.n]
+    values = torch.gather(groups, 1, order)
+    return {"values": values.contiguous(), "indices": _pack_bits(order, _bits_for(pattern.m))}
+
+
+def unpack_nm(packed: dict[str, torch.Tensor], shape: tuple[int, ...], pattern: NMPattern) -> torch.Tensor:
+    values = packed["values"]
+    order = _unpack_bits(packed["indices"], _bits_for(pattern.m), values.numel()).view_as(values)
+    groups = torch.zeros(values.shape[0], pattern.m, dtype=values.dtype).scatter_(1, order, values)
+    if len(shape) == 4:
+        o, c, kh, kw = shape
+        return groups.view(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+    return groups.view(shape)
+
+
+def pack_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    nonzero = weight.flatten() != 0
+    return {"mask": _pack_bits(nonzero, 1), "values": weight.flatten()[nonzero].contiguous()}
+
+
+def unpack_bitmask(packed: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    count = math.prod(shape)
+    mask = _unpack_bits(packed["mask"], 1, count).bool()
+    flat = torch.zeros(count, dtype=dtype)
+    flat[mask] = packed["values"]
+    return flat.view(shape)
+
+
+# ----------------------------------------------------------------------------------------- graph encoding
+def _encode_target(target: Any) -> dict[str, str]:
+    short = getattr(target, "__name__", "")
+    if getattr(torch.nn.functional, short, None) is target:  # e.g. F.linear is torch._C._nn.linear
+        return {"module": "torch.nn.functional", "name": short}
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", "")
+    if _resolve_target({"module": module, "name": name}, strict=False) is target:
+        return {"module": module, "name": name}
+    torch_name = getattr(target, "__name__", "")
+    if getattr(torch._C._VariableFunctions, torch_name, None) is target or getattr(torch, torch_name, None) is target:
+        if _resolve_target({"module": "torch", "name": torch_name}, strict=False) is target:
+            return {"module": "torch", "name": torch_name}
+    raise TypeError(f"cannot save a graph calling {target!r}: only native torch ops, torch.nn.functional, "
+                    "operator and math functions are stored")
+
+
+def _resolve_target(spec: Any, strict: bool = True) -> Any:
+    if not isinstance(spec, dict) or not isinstance(spec.get("module"), str) or not isinstance(spec.get("name"), str):
+        raise SgfxFormatError(f"bad call target {spec!r}")
+    module, name = spec["module"], spec["name"]
+    found = None
+    if module in _SAFE_FUNCTION_MODULES and "." not in name:
+        found = getattr(_SAFE_FUNCTION_MODULES[module], name, None)
+    elif module == "builtins":
+        found = _SAFE_BUILTINS.get(name)
+    elif module == "torch" and "." not in name:
+        native = getattr(torch._C._VariableFunctions, name, None)  # native ops only: no torch.load & co.
+        found = getattr(torch, name, None) if native is not None else None
+    if found is None and strict:
+        raise SgfxFormatError(f"call target {module}.{name} is not allowed in an sgfx file")
+    return found
+
+
+def _encode_arg(value: Any) -> Any:
+    if isinstance(value, torch.fx.Node):
+        return {"$node": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"$tuple": [_encode_arg(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode_arg(v) for v in value]
+    if isinstance(value, dict):
+        return {"$dict": [[k, _encode_arg(v)] for k, v in value.items()]}
+    if isinstance(value, slice):
+        return {"$slice": [_encode_arg(value.start), _encode_arg(value.stop), _encode_arg(value.step)]}
+    if value is Ellipsis:
+        return {"$ellipsis": True}
+    if isinstance(value, torch.dtype):
+        return {"$dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"$device": str(value)}
+    raise TypeError(f"cannot save a graph argument of type {type(value).__name__}: {value!r}")
+
+
+def _decode_arg(value: Any, nodes: dict[str, torch.fx.Node]) -> Any:
+    if isinstance(value, list):
+        return [_decode_arg(v, nodes) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1:
+        raise SgfxFormatError(f"bad graph argument {value!r}")
+    (kind, payload), = value.items()
+    if kind == "$node":
+        if payload not in nodes:
+            raise SgfxFormatError(f"graph refers to unknown node {payload!r}")
+        return nodes[payload]
+    if kind == "$tuple":
+        return tuple(_decode_arg(v, nodes) for v in payload)
+    if kind == "$dict":
+        return {k: _decode_arg(v, nodes) for k, v in payload}
+    if kind == "$slice":
+        return slice(*(_decode_arg(v, nodes) for v in payload))
+    if kind == "$ellipsis":
+        return Ellipsis
+    if kind == "$dtype":
+        dtype = getattr(torch, str(payload), None)
+        if not isinstance(dtype, torch.dtype):
+            raise SgfxFormatError(f"unknown dtype {payload!r}")
+        return dtype
+    if kind == "$device":
+        return torch.device(payload)
+    raise SgfxFormatError(f"bad graph argument {value!r}")
+
+
+def _module_spec(name: str, module: nn.Module) -> dict[str, Any]:
+    cls = type(module)
+    if getattr(nn, cls.__name__, None) is not cls:
+        raise TypeError(f"cannot save submodule {name!r} of type {cls.__module__}.{cls.__qualname__}: only torch.nn "
+                        "layers are stored (trace custom modules through instead of keeping them as leaves)")
+    kwargs = {}
+    for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if param.name in ("device", "dtype") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        value = getattr(module, param.name, param.empty)
+        if isinstance(value, torch.Tensor) or (value is None and isinstance(param.default, bool)):
+            kwargs[param.name] = value is not None  # a flag such as bias=True stored as the tensor it made
+        elif value is not param.empty:
+            kwargs[param.name] = _encode_arg(value)
+        elif param.default is param.empty:
+            raise TypeError(f"cannot save submodule {name!r}: constructor argument {param.name!r} not recoverable")
+    return {"class": cls.__name__, "kwargs": kwargs}
+
+
+def _build_module(spec: Any) -> nn.Module:
+    if not isinstance(spec, dict):
+        raise SgfxFormatError("bad module entry")
+    cls = getattr(nn, str(spec.get("class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise SgfxFormatError(f"module class {spec.get('class')!r} is not a torch.nn layer")
+    kwargs = {k: _decode_arg(v, {}) for k, v in spec.get("kwargs", {}).items()}
+    with torch.device("meta"):  # no allocation: every tensor is replaced from the file below
+        return cls(**kwargs)
+
+
+def _set_path(root: nn.Module, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    owner = root
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Module):
+        owner.add_module(leaf, value)
+    elif isinstance(value, nn.Parameter):
+        owner.register_parameter(leaf, value)
+    else:
+        owner.register_buffer(leaf, value)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- save/load
+def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
+    """Write ``gm`` compressed to ``path``.
+
+    Args:
+        gm: a GraphModule, typically from :func:`sgfx.sparsify` (its report tells which weights are N:M or
+            unstructured; without one every weight is stored dense).
+        path: the file to write.
+
+    Returns:
+        ``{"bytes": file size, "dense_bytes": size of torch.save(gm.state_dict())}``.
+
+    Example:
+        >>> sgfx.save(gm, "model.sgfx"); gm2 = sgfx.load("model.sgfx")  # doctest: +SKIP
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"sgfx.save takes a torch.fx.GraphModule, got {type(gm).__name__}")
+    report = gm.meta.get(REPORT_KEY)
+    pruned = {r.weight_name: r.pattern for r in report.layers if r.pruned} if report else {}
+    nodes, modules = [], {}
+    for node in gm.graph.nodes:
+        entry = {"op": node.op, "name": node.name, "args": _encode_arg(node.args), "kwargs": _encode_arg(node.kwargs)}
+        if node.op == "call_function":
+            entry["target"] = _encode_target(node.target)
+        elif node.op == "call_module":
+            entry["target"] = node.target
+            modules[node.target] = _module_spec(node.target, gm.get_submodule(node.target))
+        else:
+            entry["target"] = node.target
+        nodes.append(entry)
+    tensors, entries = {}, {}
+    state = dict(gm.named_parameters(remove_duplicate=False))
+    state.update(gm.named_buffers(remove_duplicate=False))
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
+                 "parameter": isinstance(state[name], nn.Parameter), "encoding": "dense"}
+        label = pruned.get(name)  # the report's pattern label: "2:4" or "50% unstructured"
+        if label is not None and ":" in label and tensor.dim() in (2, 4):
+            pattern = parse_pattern(label)
+            parts = pack_nm(tensor, pattern)
+            entry.update(encoding="nm", pattern=str(pattern))
+        elif label is not None:
+            parts = pack_bitmask(tensor)
+            entry["encoding"] = "bitmask"
+        else:
+            parts = {"data": tensor.contiguous()}
+        entry["parts"] = {}
+        for part, value in parts.items():
+            key = f"{name}:{part}"
+            tensors[key] = value
+            entry["parts"][part] = {"key": key, "sha256": _digest(value)}
+        entries[name] = entry
+    meta = {"format": _FORMAT, "version": _VERSION, "nodes": nodes, "modules": modules, "tensors": entries,
+            "training": gm.training, "class_name": type(gm).__name__,
+            "report": None if report is None else {"pattern": report.pattern, "method": report.method,
+                                                    "total_s": report.total_s, "layers": report.to_dicts(),
+                                                    "bn_reestimated": report.bn_reestimated}}
+    torch.save({"sgfx_meta": json.dumps(meta), "tensors": tensors}, path)
+    dense = io.BytesIO()
+    torch.save(gm.state_dict(), dense)
+    return {"bytes": os.path.getsize(path), "dense_bytes": dense.getbuffer().nbytes}
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, dict]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a foreign, truncated or corrupted archive
+        raise SgfxFormatError(f"{path}: not a readable sgfx file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("sgfx_meta"), str) or not isinstance(blob.get("tensors"), dict):
+        raise SgfxFormatError(f"{path}: not an sgfx file (no sgfx metadata)")
+    try:
+        meta = json.loads(blob["sgfx_meta"])
+    except json.JSONDecodeError as exc:
+        raise SgfxFormatError(f"{path}: corrupted sgfx metadata ({exc})") from None
+    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        raise SgfxFormatError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
+    return meta, blob["tensors"]
+
+
+def _decode_tensor(name: str, entry: dict, tensors: dict) -> torch.Tensor:
+    parts = {}
+    for part, ref in entry["parts"].items():
+        value = tensors.get(ref["key"])
+        if not isinstance(value, torch.Tensor) or _digest(value) != ref["sha256"]:
+            raise SgfxFormatError(f"tensor {name!r} ({part}) is missing or corrupted (checksum mismatch)")
+        parts[part] = value
+    shape, dtype = tuple(entry["shape"]), getattr(torch, entry["dtype"])
+    if entry["encoding"] == "nm":
+        tensor = unpack_nm(parts, shape, parse_pattern(entry["pattern"]))
+    elif entry["encoding"] == "bitmask":
+        tensor = unpack_bitmask(parts, shape, dtype)
+    elif entry["encoding"] == "dense":
+        tensor = parts["data"]
+    else:
+        raise SgfxFormatError(f"unknown encoding {entry['encoding']!r} for {name!r}")
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        raise SgfxFormatError(f"tensor {name!r} decodes to {tuple(tensor.shape)}/{tensor.dtype}, expected {shape}/{dtype}")
+    return tensor
+
+
+def load(path: str | os.PathLike) -> torch.fx.GraphModule:
+    """Rebuild the GraphModule saved by :func:`save`: same graph, bit-exact weights, same forward.
+
+    Raises:
+        SgfxFormatError: the file is foreign, truncated, corrupted or uses a disallowed call target.
+    """
+    meta, tensors = _read(path)
+    try:
+        decoded = {name: _decode_tensor(name, entry, tensors) for name, entry in meta["tensors"].items()}
+        root = nn.Module()
+        for target, spec in meta["modules"].items():
+            _set_path(root, target, _build_module(spec))
+        for name, tensor in decoded.items():  # replaces the modules' meta tensors
+            value = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if meta["tensors"][name]["parameter"] \
+                else tensor
+            _set_path(root, name, value)
+        leftover = [n for n, t in list(root.named_parameters()) + list(root.named_buffers()) if t.is_meta]
+        if leftover:
+            raise SgfxFormatError(f"tensors missing from the file: {leftover}")
+        graph = torch.fx.Graph()
+        nodes: dict[str, torch.fx.Node] = {}
+        for entry in meta["nodes"]:
+            op = entry["op"]
+            target = _resolve_target(entry["target"]) if op == "call_function" else entry["target"]
+            if op == "call_method" and (not isinstance(target, str) or target.startswith("_")
+                                        or not hasattr(torch.Tensor, target)):
+                raise SgfxFormatError(f"method {target!r} is not a public Tensor method")
+            args, kwargs = _decode_arg(entry["args"], nodes), _decode_arg(entry["kwargs"], nodes)
+            node = graph.create_node(op, target, tuple(args), kwargs, name=entry["name"])
+            nodes[entry["name"]] = node
+        graph.lint()
+        gm = torch.fx.GraphModule(root, graph, meta.get("class_name", "GraphModule"))
+    except SgfxFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise SgfxFormatError(f"{path}: malformed sgfx file ({type(exc).__name__}: {exc})") from None
+    gm.train(bool(meta.get("training", False)))
+    if meta.get("report"):
+        info = meta["report"]
+        layers = [LayerRecord(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in info["layers"]]
+        gm.meta[REPORT_KEY] = SparsityReport(info["pattern"], info["method"], layers, info["total_s"],
+                                             info.get("bn_reestimated", []))
+    return gm
