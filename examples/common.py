@@ -381,6 +381,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--pattern", default="2:4", help='"N:M" or an unstructured fraction')
     parser.add_argument("--bn", choices=["on", "off", "both"], default="both",
                         help="BatchNorm re-estimation after pruning (models without BatchNorm run once)")
+    parser.add_argument("--dense-targets", choices=["on", "off", "both"], default="off",
+                        help="fit SparseGPT layers to the dense model's outputs (ignored for other methods)")
     parser.add_argument("--calib-samples", type=int, default=256, help="training images used for calibration")
     parser.add_argument("--test-samples", type=int, default=0, help="evaluate on a random subset (0: all)")
     parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
@@ -404,31 +406,37 @@ def bn_settings(model: nn.Module, bn: str) -> list[bool]:
     return {"on": [True], "off": [False], "both": [False, True]}[bn]
 
 
+def variants(model: nn.Module, methods: Sequence[str], bn: str, dense_targets: str) -> list[tuple[str, bool, bool]]:
+    """(method, bn_reestimate, dense_targets) combinations to run."""
+    targets = {"on": [True], "off": [False], "both": [False, True]}[dense_targets]
+    return [(method, flag, target) for method in methods for flag in bn_settings(model, bn)
+            for target in (targets if method == "sparsegpt" else [False])]
+
+
 def sparsify_and_evaluate(name: str, model: nn.Module, train_set: ImageSet, test_set: ImageSet, dense: float,
                           methods: Sequence[str], pattern, calib_samples: int, seed: int = 0,
-                          batch_size: int = 500, bn: str = "both") -> list[dict]:
+                          batch_size: int = 500, bn: str = "both", dense_targets: str = "off") -> list[dict]:
     calib = [images for images, _ in train_set.subset(calib_samples, seed).batches(64)]
     rows = []
-    for method in methods:
-        for bn_reestimate in bn_settings(model, bn):
-            layer_bar = tqdm(total=None, desc=f"{name} {method} {pattern}: layers", leave=False)
-            started = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # listed in the report
-                gm = sgfx.sparsify(model, calib, pattern, method=method, bn_reestimate=bn_reestimate,
-                                   callback=lambda record: layer_bar.update(1))
-            elapsed = time.perf_counter() - started
-            layer_bar.close()
-            LOG.info("%s", sgfx.report(gm))
-            pruned = evaluate(gm, test_set, batch_size, desc=f"eval {method}")
-            result = sgfx.get_report(gm)
-            rows.append({
-                "model": name, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
-                "bn_reestimate": bn_reestimate,
-                "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
-                "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
-                "calib_samples": calib_samples, "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
-            })
+    for method, bn_reestimate, targets in variants(model, methods, bn, dense_targets):
+        layer_bar = tqdm(total=None, desc=f"{name} {method} {pattern}: layers", leave=False)
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # listed in the report
+            gm = sgfx.sparsify(model, calib, pattern, method=method, bn_reestimate=bn_reestimate,
+                               dense_targets=targets, callback=lambda record: layer_bar.update(1))
+        elapsed = time.perf_counter() - started
+        layer_bar.close()
+        LOG.info("%s", sgfx.report(gm))
+        pruned = evaluate(gm, test_set, batch_size, desc=f"eval {method}")
+        result = sgfx.get_report(gm)
+        rows.append({
+            "model": name, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
+            "bn_reestimate": bn_reestimate, "dense_targets": targets,
+            "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
+            "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
+            "calib_samples": calib_samples, "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
+        })
     return rows
 
 
@@ -444,7 +452,8 @@ def write_rows(rows: list[dict], out: Path | None) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    headers = ["model", "method", "bn_reestimate", "pattern", "baseline", "pruned", "drop", "sparsify_s"]
+    headers = ["model", "method", "bn_reestimate", "dense_targets", "pattern", "baseline", "pruned", "drop",
+               "sparsify_s"]
     return tabulate([[row[h] for h in headers] for row in rows], headers=headers, tablefmt="github")
 
 
@@ -461,7 +470,7 @@ def run_example(name: str, argv: Sequence[str] | None = None) -> list[dict]:
         test_set = test_set.subset(args.test_samples, args.seed)
     dense = evaluate(model, test_set, args.batch_size, desc="eval dense")
     rows = sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, args.pattern,
-                                 args.calib_samples, args.seed, args.batch_size, args.bn)
+                                 args.calib_samples, args.seed, args.batch_size, args.bn, args.dense_targets)
     print(format_rows(rows))
     write_rows(rows, args.out)
     return rows

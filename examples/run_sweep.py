@@ -25,10 +25,10 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model and r["pattern"].endswith("unstructured")]
-        for method, bn in sorted({(r["method"], r["bn_reestimate"]) for r in mine}):
+        for method, bn, targets in sorted({(r["method"], r["bn_reestimate"], r["dense_targets"]) for r in mine}):
             points = sorted((float(r["pattern"].split("%")[0]) / 100, r["pruned"]) for r in mine
-                            if r["method"] == method and r["bn_reestimate"] == bn)
-            label = method + (" + BN re-est." if bn else "")
+                            if (r["method"], r["bn_reestimate"], r["dense_targets"]) == (method, bn, targets))
+            label = method + (" + BN re-est." if bn else "") + (" + dense targets" if targets else "")
             ax.plot([0.0] + [p[0] for p in points], [mine[0]["baseline"]] + [p[1] for p in points], "o-", label=label)
         ax.set(title=model, xlabel="unstructured sparsity", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -56,7 +56,8 @@ def main(argv=None) -> list[dict]:
         dense = evaluate(model, test_set, args.batch_size, desc=f"eval {name} dense")
         for pattern in [parse_pattern_arg(args.pattern)] + list(args.sparsities):
             rows += sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, pattern,
-                                          args.calib_samples, args.seed, args.batch_size, args.bn)
+                                          args.calib_samples, args.seed, args.batch_size, args.bn,
+                                          args.dense_targets)
     print(format_rows(rows))
     write_rows(rows, args.out)
     if args.sparsities:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -14,7 +15,7 @@ from torch import nn
 
 from .config import SparsifyConfig
 from .layers import PrunableLayer
-from .obs import FactorizationError, magnitude_prune, sparsegpt_prune, wanda_prune
+from .obs import FactorizationError, dense_target_weight, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
 from .passes.sequential_prune import SequentialPruner, find_prunable_layers, match_skip
 from .passes.trace import trace
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args",
-                 "bn_reestimate")
+                 "bn_reestimate", "dense_targets")
 
 
 def calibration_batches(calib: Any) -> list[torch.Tensor]:
@@ -130,17 +131,20 @@ class _LayerPruner:
 
     @staticmethod
     def _statistics(layer: PrunableLayer, inputs: list[torch.Tensor], device, record: LayerRecord, start: float,
-                    diagonal_only: bool = False) -> list[torch.Tensor]:
-        """Stream the layer's inputs into its Hessians (or their diagonals); records samples and time."""
-        accumulator = layer.hessian_accumulator(device, diagonal_only)
-        for x in inputs:
-            accumulator.add(x)
+                    diagonal_only: bool = False, dense_inputs: list[torch.Tensor] | None = None):
+        """Stream the layer's inputs into its Hessians (or their diagonals, or Hessians and cross terms with the
+        dense inputs); records samples and time."""
+        accumulator = layer.hessian_accumulator(device, diagonal_only, cross=dense_inputs is not None)
+        for index, x in enumerate(inputs):
+            accumulator.add(x, None if dense_inputs is None else dense_inputs[index])
         record.samples = accumulator.samples
+        cross = accumulator.finalize_cross() if dense_inputs is not None else None
         statistics = accumulator.finalize()
         record.hessian_s = time.perf_counter() - start
-        return statistics
+        return statistics if cross is None else (statistics, cross)
 
-    def __call__(self, layer: PrunableLayer, inputs: list[torch.Tensor]) -> None:
+    def __call__(self, layer: PrunableLayer, inputs: list[torch.Tensor],
+                 dense_inputs: list[torch.Tensor] | None = None) -> None:
         config = self.config
         record = self.records[layer.name]
         device = config.device or layer.weight.device
@@ -154,12 +158,18 @@ class _LayerPruner:
                 norms = self._statistics(layer, inputs, device, record, start, diagonal_only=True)
                 results = [wanda_prune(w, d, config.sparsity) for w, d in zip(matrices, norms)]
             else:
-                hessians = self._statistics(layer, inputs, device, record, start)
+                if config.dense_targets:
+                    hessians, cross = self._statistics(layer, inputs, device, record, start, dense_inputs=dense_inputs)
+                    targets = [dense_target_weight(w, h, a, config.percdamp) for w, h, a in zip(matrices, hessians, cross)]
+                    del cross
+                else:
+                    hessians = self._statistics(layer, inputs, device, record, start)
+                    targets = matrices
                 keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forwards
                 results = [
                     sparsegpt_prune(w, h, config.sparsity, config.blocksize, config.percdamp,
                                     config.max_damping_retries, overwrite_hessian=not keep_hessians)
-                    for w, h in zip(matrices, hessians)
+                    for w, h in zip(targets, hessians)
                 ]
                 if keep_hessians:
                     record.rel_error = _relative_error_from_hessians(matrices, [r.weight for r in results], hessians)
@@ -200,6 +210,7 @@ def sparsify(
     leaf_modules: Iterable[Any] | None = None,
     concrete_args: dict[str, Any] | None = None,
     bn_reestimate: bool | None = None,
+    dense_targets: bool | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
 ) -> torch.fx.GraphModule:
     """Prune a trained model's Conv2d/Linear weights in one shot, without fine-tuning.
@@ -223,6 +234,8 @@ def sparsify(
         concrete_args: forwarded to the tracer to specialise Python control flow.
         bn_reestimate: recompute the running statistics of every BatchNorm downstream of a pruned layer from
             the calibration data, during the sweep (default: on when there is such a BatchNorm).
+        dense_targets: fit each layer to the dense model's outputs instead of its own dense weights applied to
+            the pruned inputs (default off; SparseGPT only; runs the dense model alongside).
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
 
     Returns:
@@ -239,7 +252,7 @@ def sparsify(
         >>> print(sgfx.report(gm))  # doctest: +SKIP
     """
     options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args,
-                                       bn_reestimate)))
+                                       bn_reestimate, dense_targets)))
     config = _resolve_config(sparsity, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -298,8 +311,10 @@ def sparsify(
             batchnorms = batchnorms_after_pruned(gm, set(to_prune))
             hooks = {node: functools.partial(reestimate_batchnorm, bn) for node, bn in batchnorms.items()}
             result.bn_reestimated = [str(node.target) for node in batchnorms]
+        dense = copy.deepcopy(gm) if config.dense_targets else None  # the unpruned model, run in lockstep
         with torch.no_grad():
-            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback), hooks).run_batches(batches)
+            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback), hooks, dense).run_batches(batches)
+        del dense
     _restore_dtypes(gm, original_dtypes)
     gm.train(was_training)
     result.total_s = time.perf_counter() - started

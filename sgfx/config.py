@@ -128,6 +128,8 @@ class SparsifyConfig:
         max_damping_retries: how many times damping is multiplied by 10 when Cholesky fails.
         bn_reestimate: re-estimate the statistics of BatchNorms after pruned layers from the calibration data
             (``None``: on whenever the model has such a BatchNorm).
+        dense_targets: fit each pruned layer to the *dense* model's outputs (``‖W X_dense − Ŵ X_pruned‖``) rather
+            than to ``W X_pruned``; runs the dense model alongside (twice the activations). SparseGPT only.
 
     Example:
         >>> SparsifyConfig("2:4", skip=["fc*"]).sparsity
@@ -144,6 +146,7 @@ class SparsifyConfig:
     concrete_args: dict[str, Any] | None = field(default=None, compare=False)
     max_damping_retries: int = 6
     bn_reestimate: bool | None = None
+    dense_targets: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -179,6 +182,10 @@ class SparsifyConfig:
             set_("device", device)
         if self.bn_reestimate is not None and not isinstance(self.bn_reestimate, bool):
             raise TypeError(f"bn_reestimate must be True, False or None, got {self.bn_reestimate!r}")
+        if not isinstance(self.dense_targets, bool):
+            raise TypeError(f"dense_targets must be True or False, got {self.dense_targets!r}")
+        if self.dense_targets and self.method != "sparsegpt":
+            raise ValueError(f"dense_targets needs method='sparsegpt' (it changes the weights), got {self.method!r}")
         if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:
             raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
 

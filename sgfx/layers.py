@@ -182,9 +182,9 @@ class PrunableLayer:
         )
         return view.reshape(groups, batch * out_h * out_w, kh * kw * (channels // groups))
 
-    def hessian_accumulator(self, device: torch.device | None = None, diagonal_only: bool = False
-                            ) -> "HessianAccumulator":
-        return HessianAccumulator(self, device, diagonal_only)
+    def hessian_accumulator(self, device: torch.device | None = None, diagonal_only: bool = False,
+                            cross: bool = False) -> "HessianAccumulator":
+        return HessianAccumulator(self, device, diagonal_only, cross)
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer's linear map (no bias) with another weight: used to measure reconstruction error."""
@@ -196,10 +196,13 @@ class PrunableLayer:
 class HessianAccumulator:
     """Streams calibration inputs of one layer into ``H = 2/n Σ x xᵀ`` (one Hessian per conv group)."""
 
-    def __init__(self, layer: PrunableLayer, device: torch.device | None = None, diagonal_only: bool = False):
+    def __init__(self, layer: PrunableLayer, device: torch.device | None = None, diagonal_only: bool = False,
+                 cross: bool = False):
         self.layer = layer
         self.device = device
         self.diagonal_only = diagonal_only  # only diag(H) = 2/n Σ x_j² (what Wanda needs)
+        self.cross = cross  # also A = 2/n Σ x_dense x_prunedᵀ (dense-target solve); add() then needs both inputs
+        self.cross_sums: torch.Tensor | None = None
         cols = layer.columns
         # Very wide layers (VGG's 25088-wide classifier) accumulate in float32 to halve a multi-GB buffer.
         self.dtype = torch.float64 if cols <= 16384 else torch.float32
@@ -227,8 +230,17 @@ class HessianAccumulator:
             self.sums[:, i:i + tile, i:] += product.to(self.dtype)
         self.samples += rows.shape[1]
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add one calibration batch of this layer's input."""
+    def _add_cross(self, rows: torch.Tensor, dense_rows: torch.Tensor) -> None:
+        """rows, dense_rows: (groups, n, cols) pruned- and dense-model inputs of the same samples."""
+        if self.device is not None:
+            rows, dense_rows = rows.to(self.device), dense_rows.to(self.device)
+        product = torch.bmm(dense_rows.transpose(1, 2), rows)  # (groups, cols, cols)
+        if self.cross_sums is None:
+            self.cross_sums = torch.zeros_like(product, dtype=self.dtype)
+        self.cross_sums += product.to(self.dtype)
+
+    def _rows(self, x: torch.Tensor):
+        """Yield the input vectors of one batch as (groups, n, cols) float32 chunks."""
         layer = self.layer
         x = x.detach().float()
         if layer.op == "Linear":
@@ -237,17 +249,36 @@ class HessianAccumulator:
             flat = x.reshape(-1, layer.columns)
             step = max(1, _CHUNK_ELEMENTS // layer.columns)
             for start in range(0, flat.shape[0], step):
-                self._add_rows(flat[start:start + step].unsqueeze(0))
+                yield flat[start:start + step].unsqueeze(0)
             return
         channels = layer.in_per_group * layer.num_groups
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(
                 f"{layer.name}: Conv2d expects a (B, {channels}, H, W) input, got shape {tuple(x.shape)}"
             )
-        per_image = max(1, self.layer.patches(x[:1]).numel())
+        per_image = max(1, layer.patches(x[:1]).numel())
         step = max(1, _CHUNK_ELEMENTS // per_image)
         for start in range(0, x.shape[0], step):
-            self._add_rows(layer.patches(x[start:start + step]))  # (groups, n, cols)
+            yield layer.patches(x[start:start + step])  # (groups, n, cols)
+
+    def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Add one calibration batch of this layer's input (and, in cross mode, the dense model's input)."""
+        if self.cross:
+            if dense is None or dense.shape != x.shape:
+                raise ValueError(f"{self.layer.name}: the dense-target solve needs the dense input of each batch")
+            for rows, dense_rows in zip(self._rows(x), self._rows(dense)):
+                self._add_rows(rows)
+                self._add_cross(rows, dense_rows)
+            return
+        for rows in self._rows(x):
+            self._add_rows(rows)
+
+    def finalize_cross(self) -> list[torch.Tensor]:
+        """One (cols, cols) ``A = 2/n Σ x_dense x_prunedᵀ`` per group (call before ``finalize``)."""
+        if self.cross_sums is None:
+            raise ValueError(f"{self.layer.name}: no cross statistics were accumulated")
+        cross, self.cross_sums = self.cross_sums, None
+        return list((cross * (2.0 / self.samples)).unbind(0))
 
     def finalize(self) -> list[torch.Tensor]:
         """One (cols, cols) Hessian per group in solve column order (or its (cols,) diagonal)."""

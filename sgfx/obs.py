@@ -25,7 +25,8 @@ import torch
 from .config import NMPattern, Pattern, Unstructured
 
 __all__ = [
-    "SolveResult", "reversed_cholesky", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
+    "SolveResult", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
+    "dense_target_weight",
 ]
 
 
@@ -43,42 +44,80 @@ class SolveResult:
     factor_s: float = 0.0  # seconds spent factorising the Hessian
 
 
-def reversed_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
-    """Upper-triangular ``V`` with ``H + damping·I = V Vᵀ``, or ``None`` if that matrix is not PD.
-
-    With ``J`` the reversal permutation and ``J H J = L Lᵀ`` (ordinary Cholesky), ``V = J L J``. Then
-    ``H⁻¹ = V⁻ᵀ V⁻¹``, so ``U = V⁻¹`` is the upper Cholesky factor of ``H⁻¹`` that OBS needs, and no inverse of
-    the whole Hessian is ever formed: one n³/3 factorisation replaces SparseGPT's factorise, invert, factorise
-    (4n³/3 flops).
-    """
-    damped = hessian.flip(0, 1)  # (cols, cols), J H J
-    damped.diagonal().add_(damping)
-    lower, info = torch.linalg.cholesky_ex(damped)
-    if int(info) != 0:
-        return None
-    return lower.flip(0, 1)
+def _rotate_180_(matrix: torch.Tensor, strip: int = 1024) -> torch.Tensor:
+    """``J M J`` (both axes reversed) in place, strip by strip, without a second full-size buffer."""
+    n = matrix.shape[0]
+    for top in range(0, n // 2, strip):
+        bottom = min(top + strip, n // 2)
+        upper = matrix[top:bottom].clone()
+        matrix[top:bottom] = matrix[n - bottom:n - top].flip(0, 1)
+        matrix[n - bottom:n - top] = upper.flip(0, 1)
+    if n % 2:
+        matrix[n // 2] = matrix[n // 2].flip(0)
+    return matrix
 
 
-def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
-    """Upper-triangular ``U`` with ``(H + damping·I)⁻¹ = Uᵀ U`` (used by tests and small problems)."""
-    factor = reversed_cholesky(hessian, damping)
-    if factor is None:
-        return None
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    return torch.linalg.solve_triangular(factor, eye, upper=True)
-
-
-def _factor_with_retries(hessian: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
+def _factor_with_retries(hessian: torch.Tensor, percdamp: float, max_retries: int,
+                         overwrite: bool) -> tuple[torch.Tensor, float, int]:
+    """Lower ``L`` with ``J (H + λI) J = L Lᵀ``; λ starts at ``percdamp · mean diag H``, x10 per failure."""
     mean_diag = float(hessian.diagonal().mean())
     damping = percdamp * mean_diag if percdamp > 0 else 0.0
+    reversed_h = _rotate_180_(hessian) if overwrite else hessian.flip(0, 1)  # (cols, cols), J H J
+    added = 0.0
     for retry in range(max_retries + 1):
-        factor = reversed_cholesky(hessian, damping)
-        if factor is not None:
-            return factor, damping, retry
+        reversed_h.diagonal().add_(damping - added)
+        added = damping
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        if int(info) == 0:
+            return lower, damping, retry
+        del lower
         damping = max(damping * 10.0, 1e-8 * max(mean_diag, 1e-30))
     raise FactorizationError(
         f"Hessian is not positive definite even with damping {damping:.3g} after {max_retries} retries"
     )
+
+
+def _v_block(lower: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """``V[rows, cols]`` of ``V = J L J`` (upper, ``H + λI = V Vᵀ``), copied out of ``L`` without forming ``V``."""
+    n = lower.shape[0]
+    return lower[n - rows.stop:n - rows.start, n - cols.stop:n - cols.start].flip(0, 1)
+
+
+def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper-triangular ``U`` with ``(H + damping·I)⁻¹ = Uᵀ U`` (for tests and small problems).
+
+    With ``J H J = L Lᵀ`` and ``V = J L J``: ``H = V Vᵀ``, ``H⁻¹ = V⁻ᵀ V⁻¹``, so ``U = V⁻¹``.
+    """
+    damped = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    lower, _, _ = _factor_with_retries(damped, 0.0, 0, overwrite=True)
+    factor = lower.flip(0, 1)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    return torch.linalg.solve_triangular(factor, eye, upper=True)
+
+
+def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, percdamp: float = 0.01,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``W* = W + W (A − H)(H + λI)⁻¹``: the weight that best maps the pruned model's inputs to the dense model's
+    outputs, regularised towards ``W``.
+
+    With ``A = 2/n Σ x_dense x_prunedᵀ`` and ``H = 2/n Σ x_pruned x_prunedᵀ``, ``W*`` minimises
+    ``‖W X_dense − W* X_pruned‖² + λ‖W* − W‖²`` (``= W A H⁻¹`` when ``λ = 0``; ``= W`` when the inputs agree), and
+    ``‖W X_dense − Ŵ X_pruned‖² = ‖(W* − Ŵ) X_pruned‖² + const`` for ``λ = 0``, so running OBS on ``(W*, H)``
+    minimises the error against the dense model's outputs instead of against ``W X_pruned``. ``λ`` is the solve's
+    damping (``percdamp · mean diag H``).
+
+    Args:
+        weight: (rows, cols); hessian: (cols, cols); cross: (cols, cols) ``A``, all in solve column order.
+    """
+    hess = hessian.to(dtype=dtype, copy=True)
+    dead = hess.diagonal() == 0
+    hess.diagonal()[dead] = 1.0
+    hess.diagonal().add_(percdamp * float(hess.diagonal().mean()))
+    lower = torch.linalg.cholesky(hess)
+    del hess
+    w = weight.to(dtype)
+    shift = w @ (cross.to(dtype) - hessian.to(dtype))  # (rows, cols) W (A − H)
+    return w + torch.cholesky_solve(shift.T.contiguous(), lower).T  # (rows, cols)
 
 
 _SUB_BLOCK = 8  # unstructured: columns updated eagerly together before one GEMM updates the rest of the block
@@ -123,12 +162,12 @@ def sparsegpt_prune(
     if isinstance(pattern, NMPattern) and (cols % pattern.m or blocksize % pattern.m):
         raise ValueError(f"columns ({cols}) and blocksize ({blocksize}) must be multiples of M={pattern.m}")
     original = weight.to(dtype=dtype, copy=True)  # (rows, cols) W0
-    hess = hessian.to(dtype=dtype, copy=not overwrite_hessian)  # (cols, cols)
+    hess = hessian.to(dtype=dtype, copy=not overwrite_hessian)  # (cols, cols); rotated in place below
     dead = hess.diagonal() == 0  # columns whose input is always zero
     hess.diagonal()[dead] = 1.0
     original[:, dead] = 0.0
     started = time.perf_counter()
-    factor, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries)  # V, (cols, cols) upper
+    lower, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)  # L
     factor_s = time.perf_counter() - started  # exact on CPU; cholesky_ex's info check synchronises CUDA too
     del hess
 
@@ -142,12 +181,12 @@ def sparsegpt_prune(
     counts = _block_prune_counts(pattern, rows, cols, blocksize) if isinstance(pattern, Unstructured) else None
     for block, start in enumerate(range(0, cols, blocksize)):
         stop = min(start + blocksize, cols)
-        factor_block = factor[start:stop, start:stop]  # (b, b) upper, V[B, B]
+        span = slice(start, stop)
         eye = torch.eye(stop - start, dtype=dtype, device=original.device)
-        hinv_block = torch.linalg.solve_triangular(factor_block, eye, upper=True)  # (b, b) upper, U[B, B]
+        hinv_block = torch.linalg.solve_triangular(_v_block(lower, span, span), eye, upper=True)  # (b, b) U[B, B]
         w_block = original[:, start:stop].clone()  # (rows, b)
         if start:
-            shift = delta[:, :start] @ factor[:start, start:stop]  # (rows, b)
+            shift = delta[:, :start] @ _v_block(lower, slice(0, start), span)  # (rows, b)
             w_block += shift @ hinv_block
         diag = hinv_block.diagonal()  # (b,)
         mask = torch.zeros(rows, stop - start, dtype=torch.bool, device=original.device)  # (rows, b)

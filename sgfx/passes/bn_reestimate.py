@@ -5,8 +5,8 @@ the dense model's running statistics. Much of one-shot pruning's accuracy loss o
 weights themselves (magnitude 2:4 on ResNet-18 loses ~40 pp, most of which re-estimation recovers).
 
 How: when the sweep reaches a BatchNorm whose input depends on a pruned layer, its running mean and (unbiased)
-variance are replaced by the exact statistics of that input over *all* calibration batches (two passes in float64;
-no momentum, no per-batch averaging), before the node runs. Layers after it are then calibrated on the corrected
+variance are replaced by the exact statistics of that input over *all* calibration batches (per-batch passes
+combined in float64; no momentum, no per-batch averaging), before the node runs. Layers after it are then calibrated on the corrected
 activations. BatchNorms upstream of every pruned layer keep the model's own statistics.
 """
 
@@ -36,16 +36,26 @@ def batchnorms_after_pruned(gm: torch.fx.GraphModule, pruned: set[Node]) -> dict
 
 @torch.no_grad()
 def reestimate_batchnorm(bn: nn.Module, inputs: list[torch.Tensor]) -> None:
-    """Set ``bn``'s running mean / unbiased variance to the statistics of ``inputs`` (per channel, dim 1)."""
-    channels = bn.num_features
+    """Set ``bn``'s running mean / unbiased variance to the statistics of ``inputs`` (per channel, dim 1).
 
-    def per_channel(x: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (C, B·...)
-        return x.transpose(0, 1).reshape(channels, -1).double()
-
-    count = sum(x.numel() // channels for x in inputs)
+    Each batch's mean and variance come from one ``var_mean`` pass; batches are combined exactly in float64
+    (Chan et al.'s pairwise formula), so the result equals the statistics of all inputs pooled.
+    """
+    dims = [d for d in range(inputs[0].dim()) if d != 1]
+    count, mean, m2 = 0, None, None
+    for x in inputs:
+        n = x.numel() // x.shape[1]
+        var_b, mean_b = torch.var_mean(x.float(), dim=dims, correction=0)
+        var_b, mean_b = var_b.double(), mean_b.double()
+        if mean is None:
+            count, mean, m2 = n, mean_b, var_b * n
+            continue
+        total = count + n
+        shift = mean_b - mean
+        mean = mean + shift * (n / total)
+        m2 = m2 + var_b * n + shift.square() * (count * n / total)
+        count = total
     if count < 2:
         return
-    mean = sum(per_channel(x).sum(dim=1) for x in inputs) / count
-    var = sum((per_channel(x) - mean.unsqueeze(1)).square().sum(dim=1) for x in inputs) / (count - 1)
     bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-    bn.running_var.copy_(var.to(bn.running_var.dtype))
+    bn.running_var.copy_((m2 / (count - 1)).to(bn.running_var.dtype))

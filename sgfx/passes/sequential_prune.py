@@ -88,23 +88,28 @@ class SequentialPruner(torch.fx.Interpreter):
     Args:
         gm: the graph to run (its prunable weights are modified in place).
         layers: prunable nodes to prune, as returned by :func:`find_prunable_layers` (possibly filtered).
-        prune: ``prune(layer, inputs)`` prunes ``layer.weight`` given its input for every batch.
+        prune: ``prune(layer, inputs, dense_inputs)`` prunes ``layer.weight`` given its input for every batch (and,
+            with ``dense``, the input the unpruned model gives it; else ``None``).
         before_node: optional ``{node: hook}``; ``hook(inputs)`` runs with the node's first input for every batch
             just before the node runs (BatchNorm re-estimation uses it).
+        dense: optional unpruned copy of ``gm`` run in lockstep, so that each layer also sees its dense inputs.
     """
 
     def __init__(
         self,
         gm: torch.fx.GraphModule,
         layers: dict[Node, PrunableLayer],
-        prune: Callable[[PrunableLayer, list[torch.Tensor]], None],
+        prune: Callable[[PrunableLayer, list[torch.Tensor], list[torch.Tensor] | None], None],
         before_node: dict[Node, Callable[[list[torch.Tensor]], None]] | None = None,
+        dense: torch.fx.GraphModule | None = None,
     ):
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False  # our own error names the node and the batch
         self.layers = layers
         self.prune = prune
         self.before_node = before_node or {}
+        self.dense = None if dense is None else torch.fx.Interpreter(dense)  # runs gm's nodes on dense weights
+        self.dense_env: dict[Node, list[Any]] = {}
         self._batches: list[torch.Tensor] = []
         self._placeholders_seen = 0
 
@@ -125,20 +130,35 @@ class SequentialPruner(torch.fx.Interpreter):
             "models taking one tensor input: fix the others with concrete_args"
         )
 
-    def _run_batch(self, node: Node, index: int) -> Any:
-        args = map_arg(node.args, lambda n: self.env[n][index])
-        kwargs = map_arg(node.kwargs, lambda n: self.env[n][index])
-        return getattr(self, node.op)(node.target, args, kwargs)
+    def _run_batch(self, node: Node, index: int, runner: torch.fx.Interpreter | None = None) -> Any:
+        runner = runner or self
+        env = self.env if runner is self else self.dense_env
+        args = map_arg(node.args, lambda n: env[n][index])
+        kwargs = map_arg(node.kwargs, lambda n: env[n][index])
+        return getattr(runner, node.op)(node.target, args, kwargs)
+
+    def _run_dense(self, n: Node) -> None:
+        """The node's outputs on the unpruned weights; frees dense values whose last use this is."""
+        if n.op != "output":
+            self.dense_env[n] = [self._run_batch(n, i, self.dense) for i in range(len(self._batches))]
+        for used in self.user_to_last_uses.get(n, []):
+            self.dense_env.pop(used, None)
 
     def run_node(self, n: Node) -> Any:
         if n.op == "placeholder":
-            return self._placeholder(n)
+            value = self._placeholder(n)
+            if self.dense is not None:
+                self.dense_env[n] = list(value)
+            return value
         if n.op == "get_attr":  # parameters are the same for every batch
+            if self.dense is not None:
+                self.dense_env[n] = [self.dense.fetch_attr(n.target)] * len(self._batches)
             return [self.fetch_attr(n.target)] * len(self._batches)
         layer = self.layers.get(n)
         if layer is not None:
             try:
-                self.prune(layer, self.env[n.args[0]])
+                dense_inputs = self.dense_env[n.args[0]] if self.dense is not None else None
+                self.prune(layer, self.env[n.args[0]], dense_inputs)
             except ValueError as exc:  # inputs the layer cannot take
                 raise CalibrationError(f"pruning failed at node `{n.format_node()}`: {exc}") from exc
             except Exception as exc:
@@ -148,6 +168,8 @@ class SequentialPruner(torch.fx.Interpreter):
             hook(self.env[n.args[0]])
         index = 0
         try:
+            if self.dense is not None:
+                self._run_dense(n)
             outputs = []
             for index in range(len(self._batches)):
                 outputs.append(self._run_batch(n, index))

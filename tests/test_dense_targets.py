@@ -1,0 +1,53 @@
+"""Dense targets: fitting each layer to the dense model's outputs through the cross-covariance."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sgfx
+from models import ConvBnNet, Functional, TwoLayer, randomize_bn
+from reference import correlated_inputs
+from sgfx.obs import dense_target_weight
+
+
+def test_dense_target_weight_is_the_least_squares_map(gen):
+    x_dense = correlated_inputs(400, 24, gen).double()
+    x_pruned = x_dense + 0.3 * torch.randn(400, 24, generator=gen, dtype=torch.float64)
+    weight = torch.randn(8, 24, generator=gen, dtype=torch.float64)
+    hessian = 2 / 400 * x_pruned.T @ x_pruned
+    cross = 2 / 400 * x_dense.T @ x_pruned
+    got = dense_target_weight(weight, hessian, cross, percdamp=0.0, dtype=torch.float64)
+    expected = torch.linalg.lstsq(x_pruned, x_dense @ weight.T).solution.T  # argmin ‖X_p Wᵀ − X_d Wᵀ‖
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
+    same = dense_target_weight(weight, hessian, hessian, percdamp=0.0, dtype=torch.float64)
+    torch.testing.assert_close(same, weight, rtol=1e-8, atol=1e-8)  # identical inputs: W itself
+
+
+@pytest.mark.parametrize("pattern", ["2:4", 0.5])
+def test_dense_targets_reduce_error_against_dense_outputs(gen, pattern):
+    model = TwoLayer().eval()
+    calib = [torch.randn(8, 8, 10, 10, generator=gen) for _ in range(2)]
+
+    def dense_target_error(gm):
+        with torch.no_grad():
+            return sum(float((model(x) - gm.conv2(F.relu(gm.conv1(x)))).square().sum()) for x in calib)
+
+    plain = sgfx.sparsify(model, calib, pattern)
+    targeted = sgfx.sparsify(model, calib, pattern, dense_targets=True)
+    assert torch.equal(plain.conv1.weight, targeted.conv1.weight)  # first layer: dense and pruned inputs agree
+    assert dense_target_error(targeted) < dense_target_error(plain)
+    assert sgfx.check_pattern(targeted, pattern)
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_dense_targets_on_bn_and_functional_models(gen):
+    model = randomize_bn(ConvBnNet(), gen).eval()
+    gm = sgfx.sparsify(model, [torch.randn(8, 3, 16, 16, generator=gen)], "2:4", dense_targets=True)
+    assert sgfx.check_pattern(gm, "2:4") and gm(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    functional = sgfx.sparsify(Functional().eval(), torch.randn(8, 8, 6, 6, generator=gen), "2:4", dense_targets=True)
+    assert {r.name for r in sgfx.get_report(functional).pruned_layers} == {"w_conv", "w_fc"}
+
+
+def test_dense_targets_need_sparsegpt():
+    with pytest.raises(ValueError, match="dense_targets needs method='sparsegpt'"):
+        sgfx.SparsifyConfig("2:4", method="magnitude", dense_targets=True)
