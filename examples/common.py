@@ -457,18 +457,23 @@ def format_rows(rows: list[dict]) -> str:
     return tabulate([[row[h] for h in headers] for row in rows], headers=headers, tablefmt="github")
 
 
-def run_example(name: str, argv: Sequence[str] | None = None) -> list[dict]:
-    args = build_parser(f"One-shot pruning of {name}: dense vs pruned accuracy.").parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    args.pattern = parse_pattern_arg(args.pattern)
-    sgfx.parse_pattern(args.pattern)  # fail early on a bad pattern
+def prepare(name: str, args: argparse.Namespace) -> tuple[nn.Module, ImageSet, ImageSet, float]:
+    """The trained model, its train and test sets (test possibly subsampled), and its dense test accuracy."""
     spec = MODELS[name]
     model, _ = load_or_train(name, args)
     train_set = load_dataset(spec.dataset, True, args.data_dir, args.cache_dir, args.download)
     test_set = load_dataset(spec.dataset, False, args.data_dir, args.cache_dir, args.download)
     if args.test_samples:
         test_set = test_set.subset(args.test_samples, args.seed)
-    dense = evaluate(model, test_set, args.batch_size, desc="eval dense")
+    return model, train_set, test_set, evaluate(model, test_set, args.batch_size, desc=f"eval {name} dense")
+
+
+def run_example(name: str, argv: Sequence[str] | None = None) -> list[dict]:
+    args = build_parser(f"One-shot pruning of {name}: dense vs pruned accuracy.").parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    args.pattern = parse_pattern_arg(args.pattern)
+    sgfx.parse_pattern(args.pattern)  # fail early on a bad pattern
+    model, train_set, test_set, dense = prepare(name, args)
     rows = sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, args.pattern,
                                  args.calib_samples, args.seed, args.batch_size, args.bn, args.dense_targets)
     print(format_rows(rows))

@@ -9,10 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common import (
-    MODELS, build_parser, evaluate, format_rows, load_dataset, load_or_train, parse_pattern_arg,
-    sparsify_and_evaluate, write_rows,
-)
+from common import MODELS, build_parser, format_rows, parse_pattern_arg, prepare, sparsify_and_evaluate, write_rows
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:
@@ -47,13 +44,7 @@ def main(argv=None) -> list[dict]:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     rows = []
     for name in args.models:
-        spec = MODELS[name]
-        model, _ = load_or_train(name, args)
-        train_set = load_dataset(spec.dataset, True, args.data_dir, args.cache_dir, args.download)
-        test_set = load_dataset(spec.dataset, False, args.data_dir, args.cache_dir, args.download)
-        if args.test_samples:
-            test_set = test_set.subset(args.test_samples, args.seed)
-        dense = evaluate(model, test_set, args.batch_size, desc=f"eval {name} dense")
+        model, train_set, test_set, dense = prepare(name, args)
         for pattern in [parse_pattern_arg(args.pattern)] + list(args.sparsities):
             rows += sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, pattern,
                                           args.calib_samples, args.seed, args.batch_size, args.bn,
