@@ -141,14 +141,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def _child(model_name: str, calib_count: int) -> dict:
+def _child(model_name: str, calib_count: int, random_init: bool = False) -> dict:
     """One end-to-end sparsify in this (child) process; returns timings, FLOPs and peak RSS."""
     import common
 
     torch.manual_seed(0)
     spec = common.MODELS[model_name]
     model = spec.build().eval()
-    checkpoint = common.find_checkpoint(spec, common.DEFAULT_CACHE)
+    checkpoint = None if random_init else common.find_checkpoint(spec, common.DEFAULT_CACHE)
     if checkpoint is not None:
         model.load_state_dict(torch.load(checkpoint, weights_only=True))
     calib = [torch.randn(64, 3, 32, 32) for _ in range(calib_count // 64)]
@@ -168,8 +168,11 @@ def _child(model_name: str, calib_count: int) -> dict:
     }
 
 
+RANDOM_INIT = False  # set by --random-init
+
+
 def run_child(model_name: str, calib_count: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", model_name, str(calib_count)]
+    cmd = [sys.executable, __file__, "--child", model_name, str(calib_count)] + (["--random-init"] if RANDOM_INIT else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -216,11 +219,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["machine", "kernel", "percolumn", "e2e", "vgg", "rss1024"])
     parser.add_argument("--out", type=pathlib.Path, default=None, help="write all results as JSON")
+    parser.add_argument("--random-init", action="store_true", help="end-to-end runs ignore shared checkpoints")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "CALIB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child[0], int(args.child[1]))))
+        print(json.dumps(_child(args.child[0], int(args.child[1]), args.random_init)))
         return
+    global RANDOM_INIT
+    RANDOM_INIT = args.random_init
     results: dict = {"torch": torch.__version__}
     results["machine"] = part_machine()
     if "kernel" in args.parts:
