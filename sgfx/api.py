@@ -132,8 +132,8 @@ class _LayerPruner:
     @staticmethod
     def _statistics(layer: PrunableLayer, inputs: list[torch.Tensor], device, record: LayerRecord, start: float,
                     diagonal_only: bool = False, dense_inputs: list[torch.Tensor] | None = None):
-        """Stream the layer's inputs into its Hessians (or their diagonals, or Hessians and cross terms with the
-        dense inputs); records samples and time."""
+        """Stream the layer's inputs into its Hessians (or their diagonals); with ``dense_inputs`` also the cross
+        terms with the dense model's inputs. Returns (statistics, cross or None); records samples and time."""
         accumulator = layer.hessian_accumulator(device, diagonal_only, cross=dense_inputs is not None)
         for index, x in enumerate(inputs):
             accumulator.add(x, None if dense_inputs is None else dense_inputs[index])
@@ -141,53 +141,57 @@ class _LayerPruner:
         cross = accumulator.finalize_cross() if dense_inputs is not None else None
         statistics = accumulator.finalize()
         record.hessian_s = time.perf_counter() - start
-        return statistics if cross is None else (statistics, cross)
+        return statistics, cross
+
+    def _sparsegpt(self, layer: PrunableLayer, inputs: list[torch.Tensor], dense_inputs: list[torch.Tensor] | None,
+                   matrices: list[torch.Tensor], device, record: LayerRecord, start: float) -> list:
+        config = self.config
+        hessians, cross = self._statistics(layer, inputs, device, record, start,
+                                           dense_inputs=dense_inputs if config.dense_targets else None)
+        targets = matrices if cross is None else [
+            dense_target_weight(w, h, a, config.percdamp) for w, h, a in zip(matrices, hessians, cross)]
+        del cross
+        keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forward passes
+        results = [
+            sparsegpt_prune(w, h, config.sparsity, config.blocksize, config.percdamp, config.max_damping_retries,
+                            overwrite_hessian=not keep_hessians)
+            for w, h in zip(targets, hessians)
+        ]
+        if keep_hessians:
+            record.rel_error = _relative_error_from_hessians(matrices, [r.weight for r in results], hessians)
+        record.factor_s = sum(r.factor_s for r in results)
+        record.damping = max(r.damping for r in results)
+        record.damping_retries = max(r.damping_retries for r in results)
+        if record.damping_retries:
+            logger.warning("%s: Cholesky failed, damping raised x10^%d", layer.name, record.damping_retries)
+        return results
 
     def __call__(self, layer: PrunableLayer, inputs: list[torch.Tensor],
                  dense_inputs: list[torch.Tensor] | None = None) -> None:
         config = self.config
         record = self.records[layer.name]
         device = config.device or layer.weight.device
-        dense = layer.weight.detach().float().clone()
         start = time.perf_counter()
         matrices = [m.to(device) for m in layer.solve_matrices()]
         try:
             if config.method == "magnitude":
                 results = [magnitude_prune(w, config.sparsity) for w in matrices]
             elif config.method == "wanda":
-                norms = self._statistics(layer, inputs, device, record, start, diagonal_only=True)
+                norms, _ = self._statistics(layer, inputs, device, record, start, diagonal_only=True)
                 results = [wanda_prune(w, d, config.sparsity) for w, d in zip(matrices, norms)]
             else:
-                if config.dense_targets:
-                    hessians, cross = self._statistics(layer, inputs, device, record, start, dense_inputs=dense_inputs)
-                    targets = [dense_target_weight(w, h, a, config.percdamp) for w, h, a in zip(matrices, hessians, cross)]
-                    del cross
-                else:
-                    hessians = self._statistics(layer, inputs, device, record, start)
-                    targets = matrices
-                keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forwards
-                results = [
-                    sparsegpt_prune(w, h, config.sparsity, config.blocksize, config.percdamp,
-                                    config.max_damping_retries, overwrite_hessian=not keep_hessians)
-                    for w, h in zip(targets, hessians)
-                ]
-                if keep_hessians:
-                    record.rel_error = _relative_error_from_hessians(matrices, [r.weight for r in results], hessians)
-                del hessians
-                record.factor_s = sum(r.factor_s for r in results)
-                record.damping = max(r.damping for r in results)
-                record.damping_retries = max(r.damping_retries for r in results)
-                if record.damping_retries:
-                    logger.warning("%s: Cholesky failed, damping raised x10^%d", layer.name, record.damping_retries)
+                results = self._sparsegpt(layer, inputs, dense_inputs, matrices, device, record, start)
         except FactorizationError as exc:
             record.status, record.reason = "skipped", f"solve failed: {exc}"
             warnings.warn(f"sgfx: {layer.name} left dense: {exc}", RuntimeWarning, stacklevel=2)
             return
+        del matrices
+        dense = layer.weight.detach().float().clone() if record.rel_error is None else None  # forward-route error
         layer.write_back([r.weight for r in results])
         record.solve_s = time.perf_counter() - start - record.hessian_s
         record.status = "pruned"
         record.sparsity = float((layer.weight == 0).float().mean())
-        if record.rel_error is None:
+        if dense is not None:
             record.rel_error = _relative_error(layer, inputs, dense)
         logger.info(
             "%s %s: sparsity %.3f, rel. error %.3e, %.2f s", layer.name, record.op, record.sparsity,

@@ -144,7 +144,7 @@ def sparsegpt_prune(
 
     Args:
         weight: (rows, cols) weights in solve column order; not modified.
-        hessian: (cols, cols) symmetric PSD ``2/n X Xᵀ``; not modified.
+        hessian: (cols, cols) symmetric PSD ``2/n X Xᵀ``; not modified unless ``overwrite_hessian``.
         pattern: N:M groups along consecutive columns, or an unstructured fraction (mask chosen per block).
         blocksize: columns per lazy-update block (a multiple of M for N:M patterns).
         percdamp: damping as a fraction of mean(diag H); raised x10 per failed Cholesky.
