@@ -8,8 +8,8 @@ Example:
 
 from .api import calibration_batches, sparsify
 from .check import PatternCheck, check_pattern
-from .lowering import lower
 from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
+from .lowering import lower
 from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.sequential_prune import CalibrationError
 from .passes.trace import TraceError

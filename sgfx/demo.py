@@ -94,7 +94,8 @@ def run_demo(pattern: str = "2:4", methods=("magnitude", "sparsegpt"), calib_sam
         records = sgfx.get_report(gm).pruned_layers
         mean_err = sum(r.rel_error for r in records) / max(len(records), 1)
         rows.append({
-            "model": "DigitsCNN", "method": method, "pattern": str(sgfx.parse_pattern(pattern)), "dense": round(dense, 2),
+            "model": "DigitsCNN", "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
+            "dense": round(dense, 2),
             "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
             "layers pruned": f"{len(records)}/{len(sgfx.get_report(gm).layers)}",
             "mean rel. error": f"{mean_err:.2e}", "sparsify s": round(elapsed, 2),

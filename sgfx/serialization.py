@@ -17,7 +17,6 @@ one JSON string, read back with ``torch.load(weights_only=True)``:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import io
 import json
@@ -316,7 +315,8 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict]:
         raise
     except Exception as exc:  # a foreign, truncated or corrupted archive
         raise SgfxFormatError(f"{path}: not a readable sgfx file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(blob, dict) or not isinstance(blob.get("sgfx_meta"), str) or not isinstance(blob.get("tensors"), dict):
+    valid = isinstance(blob, dict) and isinstance(blob.get("sgfx_meta"), str) and isinstance(blob.get("tensors"), dict)
+    if not valid:
         raise SgfxFormatError(f"{path}: not an sgfx file (no sgfx metadata)")
     try:
         meta = json.loads(blob["sgfx_meta"])
@@ -344,7 +344,8 @@ def _decode_tensor(name: str, entry: dict, tensors: dict) -> torch.Tensor:
     else:
         raise SgfxFormatError(f"unknown encoding {entry['encoding']!r} for {name!r}")
     if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-        raise SgfxFormatError(f"tensor {name!r} decodes to {tuple(tensor.shape)}/{tensor.dtype}, expected {shape}/{dtype}")
+        raise SgfxFormatError(
+            f"tensor {name!r} decodes to {tuple(tensor.shape)}/{tensor.dtype}, expected {shape}/{dtype}")
     return tensor
 
 
@@ -361,8 +362,8 @@ def load(path: str | os.PathLike) -> torch.fx.GraphModule:
         for target, spec in meta["modules"].items():
             _set_path(root, target, _build_module(spec))
         for name, tensor in decoded.items():  # replaces the modules' meta tensors
-            value = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if meta["tensors"][name]["parameter"] \
-                else tensor
+            is_parameter = meta["tensors"][name]["parameter"]
+            value = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if is_parameter else tensor
             _set_path(root, name, value)
         leftover = [n for n, t in list(root.named_parameters()) + list(root.named_buffers()) if t.is_meta]
         if leftover:

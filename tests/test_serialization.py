@@ -1,6 +1,5 @@
 """Compressed save/load: bit-exact round trips, size, and rejection of bad files."""
 
-import io
 import json
 import zipfile
 

@@ -1,7 +1,6 @@
 """End to end: sparsify on small models, the sequential property, the report, and every bad input."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -283,7 +282,8 @@ class _FixedBatch(nn.Module):
 
 
 def test_wrong_calibration_shape_names_the_node():
-    with pytest.raises(sgfx.CalibrationError, match=r"node `%conv1.*expects a \(B, 8, H, W\) input, got shape \(2, 3, 6, 6\)"):
+    expected = r"node `%conv1.*expects a \(B, 8, H, W\) input, got shape \(2, 3, 6, 6\)"
+    with pytest.raises(sgfx.CalibrationError, match=expected):
         sgfx.sparsify(TwoLayer().eval(), torch.randn(2, 3, 6, 6), "2:4")
     model = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(12, 4))
     with pytest.raises(sgfx.CalibrationError, match=r"node `%_2.*in_features 12"):

@@ -6,8 +6,8 @@ weights themselves (magnitude 2:4 on ResNet-18 loses ~40 pp, most of which re-es
 
 How: when the sweep reaches a BatchNorm whose input depends on a pruned layer, its running mean and (unbiased)
 variance are replaced by the exact statistics of that input over *all* calibration batches (per-batch passes
-combined in float64; no momentum, no per-batch averaging), before the node runs. Layers after it are then calibrated on the corrected
-activations. BatchNorms upstream of every pruned layer keep the model's own statistics.
+combined in float64; no momentum, no per-batch averaging), before the node runs. Layers after it are then
+calibrated on the corrected activations. BatchNorms upstream of every pruned layer keep the model's own statistics.
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ def _functional_layer(gm: torch.fx.GraphModule, node: Node) -> PrunableLayer | N
     if weight is None:
         return None
     if node.target in _LINEAR_FNS:
-        return PrunableLayer(weight_node.target, "Linear", weight, weight_name=weight_node.target) if weight.dim() == 2 else None
+        if weight.dim() != 2:
+            return None
+        return PrunableLayer(weight_node.target, "Linear", weight, weight_name=weight_node.target)
     args = {**_CONV_DEFAULTS, **bound}
     if weight.dim() != 4 or any(isinstance(args[k], Node) for k in ("stride", "padding", "dilation", "groups")):
         return None
