@@ -172,7 +172,8 @@ RANDOM_INIT = False  # set by --random-init
 
 
 def run_child(model_name: str, calib_count: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", model_name, str(calib_count)] + (["--random-init"] if RANDOM_INIT else [])
+    cmd = [sys.executable, __file__, "--child", model_name, str(calib_count)]
+    cmd += ["--random-init"] if RANDOM_INIT else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -86,7 +86,8 @@ class CIFARCNN(nn.Module):
             *_conv_bn_relu(128, 256), *_conv_bn_relu(256, 256), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(256 * 8 * 8, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes),
+            nn.Flatten(), nn.Linear(256 * 8 * 8, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(512, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,15 +289,16 @@ def load_dataset(name: str, train: bool, data_dir: Path | None = None, cache: Pa
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (padding 4) and horizontal flip on a normalised batch."""
-    n, _, h, w = images.shape
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding 4, an offset per image) and horizontal flip (per image) of a normalised batch."""
+    n, c, h, w = images.shape
     padded = F.pad(images, (4, 4, 4, 4))
-    dy, dx = torch.randint(0, 9, (2,), generator=generator).tolist()
-    out = padded[:, :, dy:dy + h, dx:dx + w]
+    dy, dx = torch.randint(0, 9, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (n, 1, 1, w)
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
     flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
-    return out.contiguous()
+    return torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
 
 
 def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr: float, augment: bool,
@@ -314,7 +316,7 @@ def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr
                    desc=f"train epoch {epoch + 1}/{epochs}")
         for images, labels in bar:
             if augment:
-                images = _augment(images, generator)
+                images = augment(images, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(images), labels)
             loss.backward()
@@ -336,7 +338,8 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, desc: str 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
 def find_checkpoint(spec: ModelSpec, cache: Path) -> Path | None:
-    for candidate in (SHARED / "checkpoints" / f"{spec.checkpoint}.pt", cache / "checkpoints" / f"{spec.checkpoint}.pt"):
+    name = f"{spec.checkpoint}.pt"
+    for candidate in (SHARED / "checkpoints" / name, cache / "checkpoints" / name):
         if candidate.is_file():
             return candidate
     return None
@@ -345,7 +348,10 @@ def find_checkpoint(spec: ModelSpec, cache: Path) -> Path | None:
 def load_or_train(name: str, args: argparse.Namespace) -> tuple[nn.Module, Path | None]:
     spec = MODELS[name]
     model = spec.build()
-    path = Path(args.checkpoint) if args.checkpoint else (None if args.epochs else find_checkpoint(spec, args.cache_dir))
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+    else:
+        path = None if args.epochs else find_checkpoint(spec, args.cache_dir)
     if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")

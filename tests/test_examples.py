@@ -143,3 +143,17 @@ def test_sweep_writes_plot(tmp_path):
     assert [r["pattern"] for r in rows] == ["2:4", "30% unstructured", "60% unstructured"]
     png = tmp_path / "sweep.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_augment_crops_and_flips_each_image_independently():
+    images = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).view(16, 3, 8, 8)
+    out = common.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    offsets = set()
+    for i in range(16):  # every output is some 8x8 window of its own padded image, possibly mirrored
+        found = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                 if torch.equal(out[i], (lambda win: win.flip(2) if flip else win)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        assert found, i
+        offsets.add(found[0][:2])
+    assert len(offsets) > 1  # not one offset for the whole batch
