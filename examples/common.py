@@ -389,6 +389,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         help="BatchNorm re-estimation after pruning (models without BatchNorm run once)")
     parser.add_argument("--dense-targets", choices=["on", "off", "both"], default="off",
                         help="fit SparseGPT layers to the dense model's outputs (ignored for other methods)")
+    parser.add_argument("--augment", choices=["hflip"], default=None,
+                        help="calibrate on the calibration images and their mirror images")
     parser.add_argument("--calib-samples", type=int, default=256, help="training images used for calibration")
     parser.add_argument("--test-samples", type=int, default=0, help="evaluate on a random subset (0: all)")
     parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
@@ -421,7 +423,8 @@ def variants(model: nn.Module, methods: Sequence[str], bn: str, dense_targets: s
 
 def sparsify_and_evaluate(name: str, model: nn.Module, train_set: ImageSet, test_set: ImageSet, dense: float,
                           methods: Sequence[str], pattern, calib_samples: int, seed: int = 0,
-                          batch_size: int = 500, bn: str = "both", dense_targets: str = "off") -> list[dict]:
+                          batch_size: int = 500, bn: str = "both", dense_targets: str = "off",
+                          augment: str | None = None) -> list[dict]:
     calib = [images for images, _ in train_set.subset(calib_samples, seed).batches(64)]
     rows = []
     for method, bn_reestimate, targets in variants(model, methods, bn, dense_targets):
@@ -430,7 +433,7 @@ def sparsify_and_evaluate(name: str, model: nn.Module, train_set: ImageSet, test
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # listed in the report
             gm = sgfx.sparsify(model, calib, pattern, method=method, bn_reestimate=bn_reestimate,
-                               dense_targets=targets, callback=lambda record: layer_bar.update(1))
+                               dense_targets=targets, augment=augment, callback=lambda record: layer_bar.update(1))
         elapsed = time.perf_counter() - started
         layer_bar.close()
         LOG.info("%s", sgfx.report(gm))
@@ -438,7 +441,7 @@ def sparsify_and_evaluate(name: str, model: nn.Module, train_set: ImageSet, test
         result = sgfx.get_report(gm)
         rows.append({
             "model": name, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
-            "bn_reestimate": bn_reestimate, "dense_targets": targets,
+            "bn_reestimate": bn_reestimate, "dense_targets": targets, "augment": augment,
             "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
             "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
             "calib_samples": calib_samples, "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
@@ -481,7 +484,8 @@ def run_example(name: str, argv: Sequence[str] | None = None) -> list[dict]:
     sgfx.parse_pattern(args.pattern)  # fail early on a bad pattern
     model, train_set, test_set, dense = prepare(name, args)
     rows = sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, args.pattern,
-                                 args.calib_samples, args.seed, args.batch_size, args.bn, args.dense_targets)
+                                 args.calib_samples, args.seed, args.batch_size, args.bn, args.dense_targets,
+                                 args.augment)
     print(format_rows(rows))
     write_rows(rows, args.out)
     return rows

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args",
-                 "bn_reestimate", "dense_targets")
+                 "bn_reestimate", "dense_targets", "augment")
 
 
 def calibration_batches(calib: Any) -> list[torch.Tensor]:
@@ -215,6 +215,7 @@ def sparsify(
     concrete_args: dict[str, Any] | None = None,
     bn_reestimate: bool | None = None,
     dense_targets: bool | None = None,
+    augment: str | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
 ) -> torch.fx.GraphModule:
     """Prune a trained model's Conv2d/Linear weights in one shot, without fine-tuning.
@@ -240,6 +241,7 @@ def sparsify(
             the calibration data, during the sweep (default: on when there is such a BatchNorm).
         dense_targets: fit each layer to the dense model's outputs instead of its own dense weights applied to
             the pruned inputs (default off; SparseGPT only; runs the dense model alongside).
+        augment: ``"hflip"`` also calibrates on the horizontal mirror of every image (default ``None``).
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
 
     Returns:
@@ -256,13 +258,17 @@ def sparsify(
         >>> print(sgfx.report(gm))  # doctest: +SKIP
     """
     options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args,
-                                       bn_reestimate, dense_targets)))
+                                       bn_reestimate, dense_targets, augment)))
     config = _resolve_config(sparsity, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     batches = calibration_batches(calib)
+    if config.augment == "hflip":
+        if any(b.dim() != 4 for b in batches):
+            raise ValueError("augment='hflip' needs image batches of shape (B, C, H, W)")
+        batches = batches + [b.flip(-1) for b in batches]
     started = time.perf_counter()
 
     gm = trace(model, config.leaf_modules, config.concrete_args)

@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
+AUGMENTATIONS = (None, "hflip")
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _ACCEPTED = (
@@ -130,6 +131,8 @@ class SparsifyConfig:
             (``None``: on whenever the model has such a BatchNorm).
         dense_targets: fit each pruned layer to the *dense* model's outputs (``‖W X_dense − Ŵ X_pruned‖``) rather
             than to ``W X_pruned``; runs the dense model alongside (twice the activations). SparseGPT only.
+        augment: ``"hflip"`` adds the horizontal mirror of every calibration image (4-D inputs), doubling a small
+            calibration set; ``None`` uses the data as given.
 
     Example:
         >>> SparsifyConfig("2:4", skip=["fc*"]).sparsity
@@ -147,6 +150,7 @@ class SparsifyConfig:
     max_damping_retries: int = 6
     bn_reestimate: bool | None = None
     dense_targets: bool = False
+    augment: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -186,6 +190,8 @@ class SparsifyConfig:
             raise TypeError(f"dense_targets must be True or False, got {self.dense_targets!r}")
         if self.dense_targets and self.method != "sparsegpt":
             raise ValueError(f"dense_targets needs method='sparsegpt' (it changes the weights), got {self.method!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augment {self.augment!r}; accepted: None, " + ", ".join(AUGMENTATIONS[1:]))
         if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:
             raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
 

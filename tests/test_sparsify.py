@@ -336,3 +336,18 @@ def test_check_pattern_detects_violations(gen):
         sgfx.check_pattern(torch.randn(4, 6), "2:4")
     assert sgfx.check_pattern(torch.tensor([[0.0, 1.0, 0.0, 2.0]]), 0.5)
     assert not sgfx.check_pattern(torch.tensor([[0.0, 1.0, 3.0, 2.0]]), 0.5)
+
+
+def test_hflip_augmentation_doubles_calibration(gen):
+    calib = torch.randn(4, 8, 6, 6, generator=gen)
+    model = TwoLayer().eval()
+    plain = sgfx.sparsify(model, calib, "2:4")
+    flipped = sgfx.sparsify(model, calib, "2:4", augment="hflip")
+    both = sgfx.sparsify(model, [calib, calib.flip(-1)], "2:4")  # the same data, passed by hand
+    assert sgfx.get_report(flipped).layers[0].samples == 2 * sgfx.get_report(plain).layers[0].samples
+    for name, param in flipped.named_parameters():
+        assert torch.equal(param, both.get_parameter(name)), name
+    with pytest.raises(ValueError, match="hflip"):
+        sgfx.sparsify(nn.Linear(8, 4), torch.randn(3, 8), "2:4", augment="hflip")
+    with pytest.raises(ValueError, match="unknown augment"):
+        sgfx.sparsify(TwoLayer(), calib, "2:4", augment="rotate")
