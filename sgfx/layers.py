@@ -212,14 +212,12 @@ class HessianAccumulator:
     def _add_rows(self, rows: torch.Tensor) -> None:
         """rows: (groups, n, cols) float32 input vectors. Only tiles on or above the diagonal are computed
         (XᵀX is symmetric): about 60 % of the full product's flops; ``finalize`` mirrors them."""
-        if self.device is not None:
-            rows = rows.to(self.device)
-        groups, _, cols = rows.shape
+        groups, n, cols = rows.shape
+        self.samples += n
         if self.diagonal_only:
             if self.sums is None:
                 self.sums = torch.zeros(groups, cols, dtype=torch.float64, device=rows.device)
             self.sums += rows.square().sum(dim=1, dtype=torch.float64)
-            self.samples += rows.shape[1]
             return
         if self.sums is None:
             self.sums = torch.zeros(groups, cols, cols, dtype=self.dtype, device=rows.device)
@@ -228,19 +226,20 @@ class HessianAccumulator:
             left = rows[:, :, i:i + tile].transpose(1, 2)  # (groups, t, n)
             product = torch.bmm(left, rows[:, :, i:])  # (groups, t, cols - i)
             self.sums[:, i:i + tile, i:] += product.to(self.dtype)
-        self.samples += rows.shape[1]
 
     def _add_cross(self, rows: torch.Tensor, dense_rows: torch.Tensor) -> None:
         """rows, dense_rows: (groups, n, cols) pruned- and dense-model inputs of the same samples."""
-        if self.device is not None:
-            rows, dense_rows = rows.to(self.device), dense_rows.to(self.device)
         product = torch.bmm(dense_rows.transpose(1, 2), rows)  # (groups, cols, cols)
         if self.cross_sums is None:
             self.cross_sums = torch.zeros_like(product, dtype=self.dtype)
         self.cross_sums += product.to(self.dtype)
 
     def _rows(self, x: torch.Tensor):
-        """Yield the input vectors of one batch as (groups, n, cols) float32 chunks."""
+        """Yield the input vectors of one batch as (groups, n, cols) float32 chunks, on the accumulator's device."""
+        for rows in self._host_rows(x):
+            yield rows if self.device is None else rows.to(self.device)
+
+    def _host_rows(self, x: torch.Tensor):
         layer = self.layer
         x = x.detach().float()
         if layer.op == "Linear":
