@@ -149,7 +149,8 @@ class _LayerPruner:
         hessians, cross = self._statistics(layer, inputs, device, record, start,
                                            dense_inputs=dense_inputs if config.dense_targets else None)
         targets = matrices if cross is None else [
-            dense_target_weight(w, h, a, config.percdamp) for w, h, a in zip(matrices, hessians, cross)]
+            dense_target_weight(w, h, a, config.percdamp, config.max_damping_retries)
+            for w, h, a in zip(matrices, hessians, cross)]
         del cross
         keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forward passes
         results = [

@@ -57,6 +57,13 @@ def _rotate_180_(matrix: torch.Tensor, strip: int = 1024) -> torch.Tensor:
     return matrix
 
 
+def _mark_dead_columns_(hess: torch.Tensor) -> torch.Tensor:
+    """Set ``H_jj = 1`` where column j never received input (``H_jj = 0``); returns those columns' mask."""
+    dead = hess.diagonal() == 0
+    hess.diagonal()[dead] = 1.0
+    return dead
+
+
 def _factor_with_retries(hessian: torch.Tensor, percdamp: float, max_retries: int,
                          overwrite: bool) -> tuple[torch.Tensor, float, int]:
     """Lower ``L`` with ``J (H + λI) J = L Lᵀ``; λ starts at ``percdamp · mean diag H``, x10 per failure."""
@@ -96,7 +103,7 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Te
 
 
 def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, percdamp: float = 0.01,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        max_damping_retries: int = 6, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``W* = W + W (A − H)(H + λI)⁻¹``: the weight that best maps the pruned model's inputs to the dense model's
     outputs, regularised towards ``W``.
 
@@ -110,14 +117,14 @@ def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
         weight: (rows, cols); hessian: (cols, cols); cross: (cols, cols) ``A``, all in solve column order.
     """
     hess = hessian.to(dtype=dtype, copy=True)
-    dead = hess.diagonal() == 0
-    hess.diagonal()[dead] = 1.0
-    hess.diagonal().add_(percdamp * float(hess.diagonal().mean()))
-    lower = torch.linalg.cholesky(hess)
+    _mark_dead_columns_(hess)
+    lower, _, _ = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)  # J(H + λI)J = L Lᵀ
     del hess
     w = weight.to(dtype)
     shift = w @ (cross.to(dtype) - hessian.to(dtype))  # (rows, cols) W (A − H)
-    return w + torch.cholesky_solve(shift.T.contiguous(), lower).T  # (rows, cols)
+    # (H + λI) X = shiftᵀ  <=>  L Lᵀ (J X) = J shiftᵀ
+    solved = torch.cholesky_solve(shift.T.flip(0).contiguous(), lower).flip(0)  # (cols, rows)
+    return w + solved.T  # (rows, cols)
 
 
 _SUB_BLOCK = 8  # unstructured: columns updated eagerly together before one GEMM updates the rest of the block
@@ -163,9 +170,7 @@ def sparsegpt_prune(
         raise ValueError(f"columns ({cols}) and blocksize ({blocksize}) must be multiples of M={pattern.m}")
     original = weight.to(dtype=dtype, copy=True)  # (rows, cols) W0
     hess = hessian.to(dtype=dtype, copy=not overwrite_hessian)  # (cols, cols); rotated in place below
-    dead = hess.diagonal() == 0  # columns whose input is always zero
-    hess.diagonal()[dead] = 1.0
-    original[:, dead] = 0.0
+    original[:, _mark_dead_columns_(hess)] = 0.0  # columns whose input is always zero
     started = time.perf_counter()
     lower, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)  # L
     factor_s = time.perf_counter() - started  # exact on CPU; cholesky_ex's info check synchronises CUDA too

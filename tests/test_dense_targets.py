@@ -51,3 +51,14 @@ def test_dense_targets_on_bn_and_functional_models(gen):
 def test_dense_targets_need_sparsegpt():
     with pytest.raises(ValueError, match="dense_targets needs method='sparsegpt'"):
         sgfx.SparsifyConfig("2:4", method="magnitude", dense_targets=True)
+
+
+def test_dense_target_weight_raises_damping_like_the_solve(gen):
+    """An indefinite Hessian gets the same damping retries as the OBS solve, and FactorizationError after them."""
+    weight = torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    hessian = torch.eye(8, dtype=torch.float64)
+    hessian[0, 0] = -3.0
+    with pytest.raises(sgfx.FactorizationError):
+        dense_target_weight(weight, hessian, hessian, percdamp=0.01, max_damping_retries=0, dtype=torch.float64)
+    got = dense_target_weight(weight, hessian, hessian, percdamp=0.01, dtype=torch.float64)
+    torch.testing.assert_close(got, weight, rtol=1e-9, atol=1e-9)  # A = H: W itself, whatever the damping
