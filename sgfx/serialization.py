@@ -110,16 +110,15 @@ def unpack_bitmask(packed: dict[str, torch.Tensor], shape: tuple[int, ...], dtyp
 # ----------------------------------------------------------------------------------------- graph encoding
 def _encode_target(target: Any) -> dict[str, str]:
     short = getattr(target, "__name__", "")
-    if getattr(torch.nn.functional, short, None) is target:  # e.g. F.linear is torch._C._nn.linear
-        return {"module": "torch.nn.functional", "name": short}
-    module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", "")
-    if _resolve_target({"module": module, "name": name}, strict=False) is target:
-        return {"module": module, "name": name}
-    torch_name = getattr(target, "__name__", "")
-    if getattr(torch._C._VariableFunctions, torch_name, None) is target or getattr(torch, torch_name, None) is target:
-        if _resolve_target({"module": "torch", "name": torch_name}, strict=False) is target:
-            return {"module": "torch", "name": torch_name}
+    candidates = (
+        ("torch.nn.functional", short),  # F.linear is torch._C._nn.linear: store it under F
+        (getattr(target, "__module__", None) or "", getattr(target, "__qualname__", None) or short),
+        ("torch", short),  # native ops, whose __module__ may differ
+    )
+    for module, name in candidates:
+        spec = {"module": module, "name": name}
+        if _resolve_target(spec, strict=False) is target:
+            return spec
     raise TypeError(f"cannot save a graph calling {target!r}: only native torch ops, torch.nn.functional, "
                     "operator and math functions are stored")
 
