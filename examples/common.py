@@ -113,7 +113,7 @@ class ModelSpec:
     dataset: str  # "fashion-mnist" or "cifar10"
     checkpoint: str  # file name under ../shared/checkpoints and the cache
     params: int  # parameter count, checked by the tests
-    recipe: dict  # default training recipe (epochs, batch size, max lr)
+    recipe: dict  # default training recipe (epochs, batch size, max lr, augmentation, precision)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -124,7 +124,7 @@ MODELS: dict[str, ModelSpec] = {
     "resnet18_cifar": ModelSpec(resnet18_cifar, "cifar10", "resnet18_cifar", 11_173_962,
                                 dict(epochs=4, batch_size=128, max_lr=0.1, augment=True)),
     "vgg16_cifar": ModelSpec(vgg16_cifar, "cifar10", "vgg16_cifar", 134_301_514,
-                             dict(epochs=4, batch_size=128, max_lr=0.02, augment=True)),
+                             dict(epochs=4, batch_size=128, max_lr=0.02, augment=True, precision="bf16")),
 }
 
 NORMALIZE = {
@@ -289,7 +289,7 @@ def load_dataset(name: str, train: bool, data_dir: Path | None = None, cache: Pa
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def crop_and_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random crop (zero padding 4, an offset per image) and horizontal flip (per image) of a normalised batch."""
     n, c, h, w = images.shape
     padded = F.pad(images, (4, 4, 4, 4))
@@ -302,8 +302,15 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr: float, augment: bool,
-          seed: int = 0) -> nn.Module:
-    """SGD (Nesterov, momentum 0.9, wd 5e-4) with OneCycleLR, the recipe of the shared checkpoints."""
+          seed: int = 0, precision: str = "fp32") -> nn.Module:
+    """SGD (Nesterov, momentum 0.9, wd 5e-4) with OneCycleLR, the recipe of the shared checkpoints.
+
+    ``precision="bf16"`` runs forward and backward under bfloat16 autocast (weights and optimizer stay float32):
+    about 1.6x faster for VGG-16 on a CPU with AMX/AVX-512 BF16, which is what makes training it here practical.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device_type = next(model.parameters()).device.type
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=max_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -316,9 +323,10 @@ def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr
                    desc=f"train epoch {epoch + 1}/{epochs}")
         for images, labels in bar:
             if augment:
-                images = augment(images, generator)
+                images = crop_and_flip(images, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images), labels)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = F.cross_entropy(model(images), labels)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -367,10 +375,17 @@ def load_or_train(name: str, args: argparse.Namespace) -> tuple[nn.Module, Path 
         return model.eval(), cached
     data = load_dataset(spec.dataset, True, args.data_dir, args.cache_dir, args.download)
     started = time.perf_counter()
-    train(model, data, recipe["epochs"], recipe["batch_size"], recipe["max_lr"], recipe["augment"], args.seed)
-    LOG.info("trained %s in %.0f s", name, time.perf_counter() - started)
+    train(model, data, recipe["epochs"], recipe["batch_size"], recipe["max_lr"], recipe["augment"], args.seed,
+          recipe.get("precision", "fp32"))
+    seconds = time.perf_counter() - started
+    LOG.info("trained %s in %.0f s", name, seconds)
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), cached)
+    mean, std = NORMALIZE[spec.dataset]
+    cached.with_suffix(".json").write_text(json.dumps({
+        "model": spec.checkpoint, "dataset": spec.dataset, **recipe, "seed": args.seed, "train_seconds": round(seconds),
+        "optimizer": "SGD nesterov momentum 0.9, wd 5e-4, OneCycleLR", "normalize": {"mean": mean, "std": std},
+        "torch": torch.__version__}, indent=2))
     return model, cached
 
 
@@ -391,6 +406,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         help="fit SparseGPT layers to the dense model's outputs (ignored for other methods)")
     parser.add_argument("--augment", choices=["hflip"], default=None,
                         help="calibrate on the calibration images and their mirror images")
+    parser.add_argument("--stats-correction", choices=["mean", "mean_std"], default=None,
+                        help="restore pruned layers' per-channel output statistics (layers without BatchNorm after)")
+    parser.add_argument("--permute", action="store_true", help="permute channels for N:M before pruning")
     parser.add_argument("--calib-samples", type=int, default=256, help="training images used for calibration")
     parser.add_argument("--test-samples", type=int, default=0, help="evaluate on a random subset (0: all)")
     parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
@@ -421,31 +439,46 @@ def variants(model: nn.Module, methods: Sequence[str], bn: str, dense_targets: s
             for target in (targets if method == "sparsegpt" else [False])]
 
 
+def prune_and_evaluate(name: str, model: nn.Module, calib: list[torch.Tensor], test_set: ImageSet, dense: float,
+                       pattern, options: dict, batch_size: int = 500, label: str = "") -> dict:
+    """One ``sgfx.sparsify(model, calib, pattern, **options)`` run and its test accuracy, as a result row."""
+    method = options.get("method", "sparsegpt")
+    layer_bar = tqdm(total=None, desc=f"{name} {label or method} {pattern}: layers", leave=False)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # listed in the report
+        gm = sgfx.sparsify(model, calib, pattern, callback=lambda record: layer_bar.update(1), **options)
+    elapsed = time.perf_counter() - started
+    layer_bar.close()
+    LOG.info("%s", sgfx.report(gm))
+    pruned = evaluate(gm, test_set, batch_size, desc=f"eval {label or method}")
+    result = sgfx.get_report(gm)
+    return {
+        "model": name, "config": label, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
+        "bn_reestimate": bool(result.bn_reestimated), "dense_targets": bool(options.get("dense_targets")),
+        "augment": options.get("augment"), "stats_correction": options.get("stats_correction"),
+        "permute_channels": bool(options.get("permute_channels")),
+        "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
+        "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
+        "calib_samples": sum(len(b) for b in calib), "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
+    }
+
+
+def calibration_set(train_set: ImageSet, calib_samples: int, seed: int = 0) -> list[torch.Tensor]:
+    return [images for images, _ in train_set.subset(calib_samples, seed).batches(64)]
+
+
 def sparsify_and_evaluate(name: str, model: nn.Module, train_set: ImageSet, test_set: ImageSet, dense: float,
                           methods: Sequence[str], pattern, calib_samples: int, seed: int = 0,
                           batch_size: int = 500, bn: str = "both", dense_targets: str = "off",
-                          augment: str | None = None) -> list[dict]:
-    calib = [images for images, _ in train_set.subset(calib_samples, seed).batches(64)]
+                          augment: str | None = None, stats_correction: str | None = None,
+                          permute_channels: bool = False) -> list[dict]:
+    calib = calibration_set(train_set, calib_samples, seed)
     rows = []
     for method, bn_reestimate, targets in variants(model, methods, bn, dense_targets):
-        layer_bar = tqdm(total=None, desc=f"{name} {method} {pattern}: layers", leave=False)
-        started = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # listed in the report
-            gm = sgfx.sparsify(model, calib, pattern, method=method, bn_reestimate=bn_reestimate,
-                               dense_targets=targets, augment=augment, callback=lambda record: layer_bar.update(1))
-        elapsed = time.perf_counter() - started
-        layer_bar.close()
-        LOG.info("%s", sgfx.report(gm))
-        pruned = evaluate(gm, test_set, batch_size, desc=f"eval {method}")
-        result = sgfx.get_report(gm)
-        rows.append({
-            "model": name, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
-            "bn_reestimate": bn_reestimate, "dense_targets": targets, "augment": augment,
-            "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
-            "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
-            "calib_samples": calib_samples, "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
-        })
+        options = dict(method=method, bn_reestimate=bn_reestimate, dense_targets=targets, augment=augment,
+                       stats_correction=stats_correction, permute_channels=permute_channels)
+        rows.append(prune_and_evaluate(name, model, calib, test_set, dense, pattern, options, batch_size))
     return rows
 
 
@@ -461,8 +494,8 @@ def write_rows(rows: list[dict], out: Path | None) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    headers = ["model", "method", "bn_reestimate", "dense_targets", "pattern", "baseline", "pruned", "drop",
-               "sparsify_s"]
+    headers = ["model", "method", "bn_reestimate", "dense_targets", "stats_correction", "permute_channels", "pattern",
+               "baseline", "pruned", "drop", "sparsify_s"]
     return tabulate([[row[h] for h in headers] for row in rows], headers=headers, tablefmt="github")
 
 
@@ -485,7 +518,7 @@ def run_example(name: str, argv: Sequence[str] | None = None) -> list[dict]:
     model, train_set, test_set, dense = prepare(name, args)
     rows = sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, args.pattern,
                                  args.calib_samples, args.seed, args.batch_size, args.bn, args.dense_targets,
-                                 args.augment)
+                                 args.augment, args.stats_correction, args.permute)
     print(format_rows(rows))
     write_rows(rows, args.out)
     return rows

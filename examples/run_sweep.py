@@ -48,7 +48,7 @@ def main(argv=None) -> list[dict]:
         for pattern in [parse_pattern_arg(args.pattern)] + list(args.sparsities):
             rows += sparsify_and_evaluate(name, model, train_set, test_set, dense, args.methods, pattern,
                                           args.calib_samples, args.seed, args.batch_size, args.bn,
-                                          args.dense_targets, args.augment)
+                                          args.dense_targets, args.augment, args.stats_correction, args.permute)
     print(format_rows(rows))
     write_rows(rows, args.out)
     if args.sparsities:

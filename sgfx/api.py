@@ -17,7 +17,9 @@ from .config import SparsifyConfig
 from .layers import PrunableLayer
 from .obs import FactorizationError, dense_target_weight, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
+from .passes.channel_permutation import permute_channels as permute_channel_groups
 from .passes.sequential_prune import SequentialPruner, find_prunable_layers, match_skip
+from .passes.stats_correction import correction_hook, layer_bias, layers_to_correct
 from .passes.trace import trace
 from .report import REPORT_KEY, LayerRecord, SparsityReport
 
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args",
-                 "bn_reestimate", "dense_targets", "augment")
+                 "bn_reestimate", "dense_targets", "augment", "stats_correction", "permute_channels")
 
 
 def calibration_batches(calib: Any) -> list[torch.Tensor]:
@@ -202,6 +204,24 @@ class _LayerPruner:
             self.callback(record)
 
 
+def _correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str | None,
+                      result: SparsityReport) -> dict:
+    """Statistics-correction hooks for the pruned layers that need one; records which layers get it."""
+    if mode is None:
+        return {}
+    hooks = {}
+    for node in sorted(layers_to_correct(gm, set(to_prune), bn_nodes), key=list(to_prune).index):
+        layer = to_prune[node]
+        bias = layer_bias(gm, node)
+        if bias is None:
+            warnings.warn(f"sgfx: {layer.name}: no bias to correct its statistics through (a functional call "
+                          "without a get_attr bias); left uncorrected", UserWarning, stacklevel=3)
+            continue
+        hooks[node] = correction_hook(layer.weight, bias, 1 if layer.op == "Conv2d" else -1, mode)
+        result.stats_corrected.append(layer.name)
+    return hooks
+
+
 def sparsify(
     model: nn.Module,
     calib: Any,
@@ -217,6 +237,8 @@ def sparsify(
     bn_reestimate: bool | None = None,
     dense_targets: bool | None = None,
     augment: str | None = None,
+    stats_correction: str | None = None,
+    permute_channels: bool | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
 ) -> torch.fx.GraphModule:
     """Prune a trained model's Conv2d/Linear weights in one shot, without fine-tuning.
@@ -243,6 +265,11 @@ def sparsify(
         dense_targets: fit each layer to the dense model's outputs instead of its own dense weights applied to
             the pruned inputs (default off; SparseGPT only; runs the dense model alongside).
         augment: ``"hflip"`` also calibrates on the horizontal mirror of every image (default ``None``).
+        stats_correction: ``"mean"`` or ``"mean_std"``: restore each pruned layer's per-channel output mean (and
+            std) to the dense model's on the calibration data, through its bias (default ``None``: off). Layers
+            feeding only a re-estimated BatchNorm are left to it.
+        permute_channels: reorder the channels between each producer layer and its consumers (function unchanged)
+            so that the N:M groups keep more saliency, before calibration (default off; N:M only).
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
 
     Returns:
@@ -259,7 +286,8 @@ def sparsify(
         >>> print(sgfx.report(gm))  # doctest: +SKIP
     """
     options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args,
-                                       bn_reestimate, dense_targets, augment)))
+                                       bn_reestimate, dense_targets, augment, stats_correction,
+                                       permute_channels)))
     config = _resolve_config(sparsity, options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -317,14 +345,24 @@ def sparsify(
         warnings.warn("sgfx: no prunable Conv2d/Linear layer in this model; returning the traced graph unchanged",
                       UserWarning, stacklevel=2)
     else:
-        hooks = {}
+        if config.permute_channels:
+            with torch.no_grad():
+                groups = permute_channel_groups(gm, batches, set(to_prune), config.sparsity)
+            result.permuted = [
+                {"producer": g.name, "consumers": [str(c.target) for c in g.consumers],
+                 "channels": len(g.permutation), "kept_before": g.kept_before, "kept_after": g.kept_after}
+                for g in groups]
+        hooks, batchnorms = {}, {}
         if config.bn_reestimate is not False:
             batchnorms = batchnorms_after_pruned(gm, set(to_prune))
             hooks = {node: functools.partial(reestimate_batchnorm, bn) for node, bn in batchnorms.items()}
             result.bn_reestimated = [str(node.target) for node in batchnorms]
-        dense = copy.deepcopy(gm) if config.dense_targets else None  # the unpruned model, run in lockstep
+        corrections = _correction_hooks(gm, to_prune, set(batchnorms), config.stats_correction, result)
+        # the unpruned model, run in lockstep
+        dense = copy.deepcopy(gm) if config.dense_targets or corrections else None
         with torch.no_grad():
-            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback), hooks, dense).run_batches(batches)
+            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback), hooks, dense,
+                             corrections).run_batches(batches)
         del dense
     _restore_dtypes(gm, original_dtypes)
     gm.train(was_training)

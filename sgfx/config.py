@@ -25,6 +25,7 @@ __all__ = [
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
 AUGMENTATIONS = (None, "hflip")
+STATS_CORRECTIONS = (None, "mean", "mean_std")
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _ACCEPTED = (
@@ -133,6 +134,12 @@ class SparsifyConfig:
             than to ``W X_pruned``; runs the dense model alongside (twice the activations). SparseGPT only.
         augment: ``"hflip"`` adds the horizontal mirror of every calibration image (4-D inputs), doubling a small
             calibration set; ``None`` uses the data as given.
+        stats_correction: ``"mean"`` restores each pruned layer's per-channel output mean to the dense model's
+            (through its bias), ``"mean_std"`` also its standard deviation (by scaling the channel); layers whose
+            only consumer is a re-estimated BatchNorm are left to it. Runs the dense model alongside. ``None``: off.
+        permute_channels: before calibration, reorder the channels between each prunable producer and its
+            consumers (found through the graph; the function is unchanged) so that N:M groups keep more saliency.
+            N:M patterns only.
 
     Example:
         >>> SparsifyConfig("2:4", skip=["fc*"]).sparsity
@@ -151,6 +158,8 @@ class SparsifyConfig:
     bn_reestimate: bool | None = None
     dense_targets: bool = False
     augment: str | None = None
+    stats_correction: str | None = None
+    permute_channels: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -192,6 +201,13 @@ class SparsifyConfig:
             raise ValueError(f"dense_targets needs method='sparsegpt' (it changes the weights), got {self.method!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augment {self.augment!r}; accepted: None, " + ", ".join(AUGMENTATIONS[1:]))
+        if self.stats_correction not in STATS_CORRECTIONS:
+            raise ValueError(f"unknown stats_correction {self.stats_correction!r}; accepted: None, "
+                             + ", ".join(STATS_CORRECTIONS[1:]))
+        if not isinstance(self.permute_channels, bool):
+            raise TypeError(f"permute_channels must be True or False, got {self.permute_channels!r}")
+        if self.permute_channels and not isinstance(self.sparsity, NMPattern):
+            raise ValueError(f"permute_channels needs an N:M pattern (it regroups channels), got {self.sparsity}")
         if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:
             raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
 

@@ -48,6 +48,8 @@ class SparsityReport:
     layers: list[LayerRecord] = field(default_factory=list)
     total_s: float = 0.0
     bn_reestimated: list[str] = field(default_factory=list)  # BatchNorms whose statistics were re-estimated
+    stats_corrected: list[str] = field(default_factory=list)  # layers whose output statistics were corrected
+    permuted: list[dict] = field(default_factory=list)  # channel groups reordered before pruning (producer, ...)
     lowering: list[Any] = field(default_factory=list)  # LoweringDecision per layer, once sgfx.lower ran
 
     def to_dicts(self) -> list[dict[str, Any]]:
@@ -71,6 +73,8 @@ class SparsityReport:
             f"sgfx {self.method} {self.pattern}: {len(self.pruned_layers)}/{len(self.layers)} layers pruned "
             f"in {self.total_s:.1f} s"
             + (f"; {len(self.bn_reestimated)} BatchNorm statistics re-estimated" if self.bn_reestimated else "")
+            + (f"; {len(self.stats_corrected)} layers' output statistics corrected" if self.stats_corrected else "")
+            + (f"; channels of {len(self.permuted)} layers permuted" if self.permuted else "")
         )
         return summary + "\n" + tabulate(rows, headers=headers, tablefmt=tablefmt)
 

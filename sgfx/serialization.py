@@ -300,7 +300,9 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
             "training": gm.training, "class_name": type(gm).__name__,
             "report": None if report is None else {"pattern": report.pattern, "method": report.method,
                                                     "total_s": report.total_s, "layers": report.to_dicts(),
-                                                    "bn_reestimated": report.bn_reestimated}}
+                                                    "bn_reestimated": report.bn_reestimated,
+                                                    "stats_corrected": report.stats_corrected,
+                                                    "permuted": report.permuted}}
     torch.save({"sgfx_meta": json.dumps(meta), "tensors": tensors}, path)
     dense = io.BytesIO()
     torch.save(gm.state_dict(), dense)
@@ -389,5 +391,6 @@ def load(path: str | os.PathLike) -> torch.fx.GraphModule:
         info = meta["report"]
         layers = [LayerRecord(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in info["layers"]]
         gm.meta[REPORT_KEY] = SparsityReport(info["pattern"], info["method"], layers, info["total_s"],
-                                             info.get("bn_reestimated", []))
+                                             info.get("bn_reestimated", []), info.get("stats_corrected", []),
+                                             info.get("permuted", []))
     return gm

@@ -126,7 +126,8 @@ def test_example_end_to_end_on_tiny_data(tmp_path):
         assert row["layers_pruned"] == 3 and row["layers"] == 4  # conv1 (1 channel) stays dense
         assert row["bn_reestimate"] is False  # SimpleCNN has no BatchNorm: one run per method
     header = out.with_suffix(".csv").read_text().splitlines()[0]
-    assert header.startswith("model,method,pattern,bn_reestimate,dense_targets,augment,baseline")
+    assert header.startswith("model,config,method,pattern,bn_reestimate,dense_targets,augment,stats_correction,"
+                             "permute_channels,baseline")
     assert (tmp_path / "cache" / "checkpoints" / "simple_cnn_e1.pt").is_file()  # the trained model is cached
 
 
@@ -148,7 +149,7 @@ def test_sweep_writes_plot(tmp_path):
 
 def test_augment_crops_and_flips_each_image_independently():
     images = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).view(16, 3, 8, 8)
-    out = common.augment(images, torch.Generator().manual_seed(0))
+    out = common.crop_and_flip(images, torch.Generator().manual_seed(0))
     assert out.shape == images.shape
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     offsets = set()
@@ -158,3 +159,50 @@ def test_augment_crops_and_flips_each_image_independently():
         assert found, i
         offsets.add(found[0][:2])
     assert len(offsets) > 1  # not one offset for the whole batch
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_with_augmentation_fits_a_small_set(precision):
+    gen = torch.Generator().manual_seed(0)
+    shade = torch.randint(0, 2, (64,), generator=gen)  # dark or bright first channel: learnable under crop and flip
+    images = torch.randint(0, 128, (64, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    images[:, 0] += (shade * 127).to(torch.uint8).view(-1, 1, 1)
+    labels = shade
+    data = common.ImageSet(images, labels, (0.5,), (0.25,))
+    images = data.normalize(images)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    before = torch.nn.functional.cross_entropy(model(images), labels).item()
+    common.train(model, data, epochs=30, batch_size=16, max_lr=0.05, augment=True, precision=precision)
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(model(images), labels).item()
+    assert after < 0.7 * before
+    assert not model.training
+
+
+def test_train_rejects_unknown_precision():
+    data = common.ImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), (0.0,), (1.0,))
+    with pytest.raises(ValueError, match="precision"):
+        common.train(torch.nn.Linear(16, 2), data, 1, 2, 0.1, False, precision="fp8")
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_ablation_runs_configs_and_pivots(tmp_path, capsys):
+    import ablation
+
+    source = _fake_fashion_mnist(tmp_path / "fmnist")
+    rows = ablation.main([
+        "--models", "mnist_cnn", "--epochs", "1", "--data-dir", str(source), "--cache-dir", str(tmp_path / "c"),
+        "--calib-samples", "16", "--patterns", "2:4", "0.5",
+        "--configs", "magnitude", "sparsegpt", "sparsegpt+bn", "+stats", "+permute",
+        "--out", str(tmp_path / "ablation.json"),
+    ])
+    # SimpleCNN has no BatchNorm (sparsegpt+bn would repeat sparsegpt); unstructured has nothing to permute
+    assert [(r["pattern"], r["config"]) for r in rows] == [
+        ("2:4", "magnitude"), ("2:4", "sparsegpt"), ("2:4", "+stats"), ("2:4", "+permute"),
+        ("50% unstructured", "magnitude"), ("50% unstructured", "sparsegpt"), ("50% unstructured", "+stats")]
+    assert [r["stats_correction"] for r in rows[:4]] == [None, None, "mean", None]
+    assert rows[3]["permute_channels"] is True
+    assert json.loads((tmp_path / "ablation.json").read_text()) == rows
+    printed = capsys.readouterr().out
+    assert "2:4: accuracy drop (pp)" in printed and "| +permute " in printed

@@ -95,6 +95,9 @@ class SequentialPruner(torch.fx.Interpreter):
         before_node: optional ``{node: hook}``; ``hook(inputs)`` runs with the node's first input for every batch
             just before the node runs (BatchNorm re-estimation uses it).
         dense: optional unpruned copy of ``gm`` run in lockstep, so that each layer also sees its dense inputs.
+        after_node: optional ``{node: hook}`` (needs ``dense``); ``hook(outputs, dense_outputs)`` gets the node's
+            outputs for every batch, pruned and dense, and returns the outputs the nodes after it see
+            (statistics correction uses it).
     """
 
     def __init__(
@@ -104,12 +107,16 @@ class SequentialPruner(torch.fx.Interpreter):
         prune: Callable[[PrunableLayer, list[torch.Tensor], list[torch.Tensor] | None], None],
         before_node: dict[Node, Callable[[list[torch.Tensor]], None]] | None = None,
         dense: torch.fx.GraphModule | None = None,
+        after_node: dict[Node, Callable[[list[Any], list[Any]], list[Any]]] | None = None,
     ):
+        if after_node and dense is None:
+            raise ValueError("after_node hooks compare with the dense model: pass dense")
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False  # our own error names the node and the batch
         self.layers = layers
         self.prune = prune
         self.before_node = before_node or {}
+        self.after_node = after_node or {}
         self.dense = None if dense is None else torch.fx.Interpreter(dense)  # runs gm's nodes on dense weights
         self.dense_env: dict[Node, list[Any]] = {}
         self._batches: list[torch.Tensor] = []
@@ -175,7 +182,6 @@ class SequentialPruner(torch.fx.Interpreter):
             outputs = []
             for index in range(len(self._batches)):
                 outputs.append(self._run_batch(n, index))
-            return outputs
         except CalibrationError:
             raise
         except Exception as exc:
@@ -184,3 +190,10 @@ class SequentialPruner(torch.fx.Interpreter):
                 f"calibration failed at node `{n.format_node()}` on batch {index} (input shape {shape}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        after = self.after_node.get(n)
+        if after is None:
+            return outputs
+        try:
+            return after(outputs, self.dense_env[n])
+        except Exception as exc:
+            raise RuntimeError(f"sgfx: correcting the outputs of node `{n.format_node()}` failed: {exc}") from exc
