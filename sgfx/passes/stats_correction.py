@@ -8,11 +8,15 @@ to the dense model's, measured on the calibration data, is the cheap remedy for 
 
 How: the sweep runs the dense model in lockstep, so at a pruned layer both its pruned outputs (from pruned inputs)
 and the dense model's outputs for the same images are at hand. Per output channel, over every calibration sample
-and spatial position (float64):
+and spatial position (float64), the paired differences ``d = y_pruned − y_dense`` give the shift ``−mean(d)`` and
+its standard error ``se = std(d)/√n``. The shift is shrunk towards zero by its own uncertainty,
+``k = max(0, 1 − se² / mean(d)²)`` (a James–Stein-style factor): a classifier layer sees one sample per image,
+and a few hundred images leave its per-channel shift mostly noise, which moved logits and cost accuracy when applied
+in full (CIFARCNN 2:4: 0.18 → 0.43 pp drop); a conv sees thousands of positions per image and keeps k ≈ 1.
 
-* ``"mean"``: ``bias += μ_dense − μ_pruned``;
-* ``"mean_std"``: also scale the channel by ``s = σ_dense / σ_pruned`` (``W_row *= s``,
-  ``bias = s (bias − μ_pruned) + μ_dense``); zeros stay zeros, so the sparsity pattern is unchanged.
+* ``"mean"``: ``bias += k · (μ_dense − μ_pruned)``;
+* ``"mean_std"``: also scale the channel by ``s = σ_dense / σ_pruned`` about its mean (``W_row *= s``,
+  ``bias = s (bias − μ_pruned) + μ_pruned + shift``); zeros stay zeros, so the sparsity pattern is unchanged.
 
 The layer's outputs are corrected the same way before the layers after it are calibrated on them. A layer whose
 only consumer is a BatchNorm that is being re-estimated is left to it. A layer without a bias gets one (a
@@ -29,7 +33,7 @@ from torch import nn
 from torch.fx.node import Node
 
 __all__ = ["STATS_CORRECTIONS", "ChannelCorrection", "layers_to_correct", "channel_correction", "apply_correction",
-           "layer_bias", "correction_hook"]
+           "layer_bias", "correction_hook", "shrinkage"]
 
 STATS_CORRECTIONS = (None, "mean", "mean_std")
 _MIN_STD_RATIO = 1e-3  # a channel whose pruned std collapsed below this fraction of the dense one is only shifted
@@ -37,19 +41,19 @@ _MIN_STD_RATIO = 1e-3  # a channel whose pruned std collapsed below this fractio
 
 @dataclass
 class ChannelCorrection:
-    """Per-channel ``y ← scale · (y − pruned_mean) + dense_mean`` (scale ``None``: a pure shift)."""
+    """Per-channel ``y ← scale · (y − center) + center + shift`` (scale ``None``: ``y + shift``), all (C,) float64."""
 
-    dense_mean: torch.Tensor  # (C,) float64
-    pruned_mean: torch.Tensor  # (C,) float64
-    scale: torch.Tensor | None = None  # (C,) float64
+    shift: torch.Tensor
+    center: torch.Tensor
+    scale: torch.Tensor | None = None
 
     def apply(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shape = [1] * y.dim()
         shape[channel_dim] = -1
         as_y = lambda t: t.to(y.dtype).view(shape)  # noqa: E731
         if self.scale is None:
-            return y + as_y(self.dense_mean - self.pruned_mean)
-        return (y - as_y(self.pruned_mean)) * as_y(self.scale) + as_y(self.dense_mean)
+            return y + as_y(self.shift)
+        return (y - as_y(self.center)) * as_y(self.scale) + as_y(self.center + self.shift)
 
 
 def layers_to_correct(gm: torch.fx.GraphModule, pruned: set[Node], bn_reestimated: set[Node]) -> set[Node]:
@@ -62,31 +66,49 @@ def layers_to_correct(gm: torch.fx.GraphModule, pruned: set[Node], bn_reestimate
     return selected
 
 
-def _moments(outputs: list[torch.Tensor], channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (population) std over all batches, in float64."""
-    total = count = total_sq = 0
-    for y in outputs:
-        y = y.double().movedim(channel_dim, 0).reshape(y.shape[channel_dim], -1)
-        total = total + y.sum(1)
-        total_sq = total_sq + y.square().sum(1)
-        count += y.shape[1]
-    mean = total / count
-    var = (total_sq / count - mean.square()).clamp_min(0.0)
-    return mean, var.sqrt()
+class _Moments:
+    """Per-channel count, mean and population variance of a stream of tensors, float64."""
+
+    def __init__(self, channel_dim: int):
+        self.channel_dim, self.count, self.total, self.total_sq = channel_dim, 0, 0.0, 0.0
+
+    def add(self, y: torch.Tensor) -> None:
+        y = y.double().movedim(self.channel_dim, 0).reshape(y.shape[self.channel_dim], -1)
+        self.total = self.total + y.sum(1)
+        self.total_sq = self.total_sq + y.square().sum(1)
+        self.count += y.shape[1]
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        return mean, (self.total_sq / self.count - mean.square()).clamp_min(0.0)
+
+
+def shrinkage(diff_mean: torch.Tensor, diff_var: torch.Tensor, count: int) -> torch.Tensor:
+    """``max(0, 1 − se²/mean²)`` per channel, ``se² = var/count``: how much of a measured shift to apply."""
+    signal = diff_mean.square()
+    return torch.where(signal > 0, (1 - diff_var / (count * signal)).clamp(0.0, 1.0), 0.0)
 
 
 def channel_correction(outputs: list[torch.Tensor], dense_outputs: list[torch.Tensor], channel_dim: int,
                        mode: str) -> ChannelCorrection:
-    """The correction that maps the pruned outputs' per-channel statistics onto the dense ones."""
+    """The correction that maps the pruned outputs' per-channel statistics onto the dense ones (shift shrunk by
+    its standard error)."""
     if mode not in STATS_CORRECTIONS[1:]:
         raise ValueError(f"unknown statistics correction {mode!r}; accepted: " + ", ".join(STATS_CORRECTIONS[1:]))
-    pruned_mean, pruned_std = _moments(outputs, channel_dim)
-    dense_mean, dense_std = _moments(dense_outputs, channel_dim)
+    pruned, dense, diff = (_Moments(channel_dim) for _ in range(3))
+    for y, y_dense in zip(outputs, dense_outputs):
+        pruned.add(y)
+        dense.add(y_dense)
+        diff.add(y.double() - y_dense.double())
+    pruned_mean, pruned_var = pruned.mean_var()
+    dense_mean, dense_var = dense.mean_var()
+    diff_mean, diff_var = diff.mean_var()
+    shift = -diff_mean * shrinkage(diff_mean, diff_var, diff.count)
     if mode == "mean":
-        return ChannelCorrection(dense_mean, pruned_mean)
-    usable = pruned_std > _MIN_STD_RATIO * dense_std
-    scale = torch.where(usable, dense_std / pruned_std.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
-    return ChannelCorrection(dense_mean, pruned_mean, scale)
+        return ChannelCorrection(shift, pruned_mean)
+    usable = pruned_var > (_MIN_STD_RATIO ** 2) * dense_var
+    scale = torch.where(usable, (dense_var / pruned_var.clamp_min(torch.finfo(torch.float64).tiny)).sqrt(), 1.0)
+    return ChannelCorrection(shift, pruned_mean, scale)
 
 
 @torch.no_grad()
@@ -94,11 +116,11 @@ def apply_correction(weight: torch.Tensor, bias: torch.Tensor, correction: Chann
     """Fold ``correction`` into a layer's ``weight`` (output channels first) and ``bias`` (C,), in place."""
     old_bias = bias.double()
     if correction.scale is None:
-        bias.copy_((old_bias + correction.dense_mean - correction.pruned_mean).to(bias.dtype))
+        bias.copy_((old_bias + correction.shift).to(bias.dtype))
         return
     scale = correction.scale
     weight.mul_(scale.to(weight.dtype).view(-1, *[1] * (weight.dim() - 1)))
-    bias.copy_((scale * (old_bias - correction.pruned_mean) + correction.dense_mean).to(bias.dtype))
+    bias.copy_((scale * (old_bias - correction.center) + correction.center + correction.shift).to(bias.dtype))
 
 
 def ensure_bias(module: nn.Module) -> torch.Tensor:
