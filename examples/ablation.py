@@ -34,6 +34,8 @@ CONFIGS: dict[str, dict] = {
     "+hflip": dict(_BN, augment="hflip"),
     "+permute+stats": dict(_BN, permute_channels=True, stats_correction="mean"),
     "+dense_targets+stats": dict(_BN, dense_targets=True, stats_correction="mean"),
+    "+permute+dense_targets": dict(_BN, permute_channels=True, dense_targets=True),
+    "+permute+hflip": dict(_BN, permute_channels=True, augment="hflip"),
 }
 BN_ONLY = {"magnitude+bn", "wanda+bn", "sparsegpt+bn"}  # identical to their plain row on a model without BatchNorm
 

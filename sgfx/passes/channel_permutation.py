@@ -98,8 +98,8 @@ def _is_channelwise(gm: torch.fx.GraphModule, node: Node, source: Node, kind: st
 
 
 def find_permutation_groups(gm: torch.fx.GraphModule, pruned: set[Node], pattern: NMPattern) -> list[PermutationGroup]:
-    """Producers whose channels may be reordered, with at least one consumer in ``pruned`` that can take
-    ``pattern`` along its input channels."""
+    """Producers whose channels may be reordered: every consumer is in ``pruned``, and the channel count is a
+    multiple of ``pattern.m`` (more than one group)."""
     groups = []
     for node in gm.graph.nodes:
         kind = _layer_kind(_module(gm, node))
@@ -285,5 +285,4 @@ def permute_channels(gm: torch.fx.GraphModule, batches: list[torch.Tensor], prun
         apply_permutation(gm, group, order)
         logger.info("%s: %d channels permuted, N:M-kept saliency %.4f -> %.4f of total", group.name, len(order),
                     group.kept_before / float(saliency.sum()), group.kept_after / float(saliency.sum()))
-    gm.recompile()
-    return groups
+    return groups  # parameters changed in place; the graph itself is untouched
