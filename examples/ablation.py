@@ -38,6 +38,9 @@ CONFIGS: dict[str, dict] = {
     "+permute+hflip": dict(_BN, permute_channels=True, augment="hflip"),
     "+dense_targets+hflip": dict(_BN, dense_targets=True, augment="hflip"),
     "+permute+dense_targets+hflip": dict(_BN, permute_channels=True, dense_targets=True, augment="hflip"),
+    "+permute+dense_targets+stats": dict(_BN, permute_channels=True, dense_targets=True, stats_correction="mean"),
+    "+permute+dense_targets+stats+hflip": dict(_BN, permute_channels=True, dense_targets=True,
+                                               stats_correction="mean", augment="hflip"),
 }
 BN_ONLY = {"magnitude+bn", "wanda+bn", "sparsegpt+bn"}  # identical to their plain row on a model without BatchNorm
 

@@ -148,8 +148,12 @@ class _LayerPruner:
     def _sparsegpt(self, layer: PrunableLayer, inputs: list[torch.Tensor], dense_inputs: list[torch.Tensor] | None,
                    matrices: list[torch.Tensor], device, record: LayerRecord, start: float) -> list:
         config = self.config
+        # Fitting the dense outputs needs a well-determined cross-covariance: at least as many samples as columns.
+        # A Linear layer sees one sample per image, so with a few hundred images it keeps the plain target.
+        record.dense_targets = bool(config.dense_targets) and (
+            sum(layer.input_vectors(x) for x in inputs) >= layer.columns)
         hessians, cross = self._statistics(layer, inputs, device, record, start,
-                                           dense_inputs=dense_inputs if config.dense_targets else None)
+                                           dense_inputs=dense_inputs if record.dense_targets else None)
         targets = matrices if cross is None else [
             dense_target_weight(w, h, a, config.percdamp, config.max_damping_retries)
             for w, h, a in zip(matrices, hessians, cross)]
@@ -206,7 +210,7 @@ class _LayerPruner:
 
 def _correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str | None,
                       result: SparsityReport) -> dict:
-    """Statistics-correction hooks for the pruned layers that need one; records which layers get it."""
+    """Statistics-correction hooks for the pruned layers that may need one (each records itself when applied)."""
     if mode is None:
         return {}
     hooks = {}
@@ -217,8 +221,8 @@ def _correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, m
             warnings.warn(f"sgfx: {layer.name}: no bias to correct its statistics through (a functional call "
                           "without a get_attr bias); left uncorrected", UserWarning, stacklevel=3)
             continue
-        hooks[node] = correction_hook(layer.weight, bias, 1 if layer.op == "Conv2d" else -1, mode)
-        result.stats_corrected.append(layer.name)
+        hooks[node] = correction_hook(layer.weight, bias, 1 if layer.op == "Conv2d" else -1, mode, layer.columns,
+                                      functools.partial(result.stats_corrected.append, layer.name))
     return hooks
 
 

@@ -182,6 +182,16 @@ class PrunableLayer:
         )
         return view.reshape(groups, batch * out_h * out_w, kh * kw * (channels // groups))
 
+    def input_vectors(self, x: torch.Tensor) -> int:
+        """How many input vectors (Hessian samples) one batch ``x`` of this layer's input holds."""
+        if self.op == "Linear":
+            return x.numel() // x.shape[-1]
+        left, right, top, bottom = self.padding
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        out_h = (x.shape[-2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[-1] + left + right - dw * (kw - 1) - 1) // sw + 1
+        return x.shape[0] * out_h * out_w
+
     def hessian_accumulator(self, device: torch.device | None = None, diagonal_only: bool = False,
                             cross: bool = False) -> "HessianAccumulator":
         return HessianAccumulator(self, device, diagonal_only, cross)

@@ -33,6 +33,7 @@ class LayerRecord:
     damping: float | None = None
     damping_retries: int = 0
     weight_name: str = ""  # qualified name of the weight tensor in the GraphModule
+    dense_targets: bool = False  # fitted to the dense model's outputs (dense_targets=True and samples >= columns)
 
     @property
     def pruned(self) -> bool:

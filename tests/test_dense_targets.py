@@ -62,3 +62,32 @@ def test_dense_target_weight_raises_damping_like_the_solve(gen):
         dense_target_weight(weight, hessian, hessian, percdamp=0.01, max_damping_retries=0, dtype=torch.float64)
     got = dense_target_weight(weight, hessian, hessian, percdamp=0.01, dtype=torch.float64)
     torch.testing.assert_close(got, weight, rtol=1e-9, atol=1e-9)  # A = H: W itself, whatever the damping
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2), dict(kernel_size=(3, 5), padding=(1, 2),
+                                                                     dilation=(2, 1)), dict(kernel_size=1),
+    dict(kernel_size=3, padding="same", padding_mode="reflect"), dict(kernel_size=3, groups=2, stride=(2, 1)),
+])
+def test_input_vectors_counts_the_hessian_samples(gen, conv):
+    from sgfx.layers import PrunableLayer
+
+    layer = PrunableLayer.from_module("c", torch.nn.Conv2d(8, 8, **conv))
+    x = torch.randn(3, 8, 11, 9, generator=gen)
+    assert layer.input_vectors(x) == layer.patches(x).shape[1]
+    linear = PrunableLayer.from_module("l", torch.nn.Linear(8, 4))
+    assert linear.input_vectors(torch.randn(3, 5, 8)) == 15
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*left dense")
+def test_dense_targets_only_where_samples_cover_the_columns(gen):
+    model = ConvBnNet().eval()
+    calib = [torch.randn(8, 3, 16, 16, generator=gen)]  # fc1: 8 samples < 512 columns; conv2: 512 >= 144
+    with pytest.warns(UserWarning, match="conv1 left dense"):
+        gm = sgfx.sparsify(model, calib, "2:4", dense_targets=True)
+    records = {r.name: r for r in sgfx.get_report(gm).layers}
+    assert records["conv2"].dense_targets and not records["fc1"].dense_targets
+    # fc1 keeps the plain target: with conv2 left dense its inputs are the same in both runs, so are its weights
+    gm_fc = sgfx.sparsify(model, calib, "2:4", dense_targets=True, skip=["conv2"])
+    plain_fc = sgfx.sparsify(model, calib, "2:4", skip=["conv2"])
+    assert torch.equal(gm_fc.fc1.weight, plain_fc.fc1.weight)

@@ -19,7 +19,10 @@ in full (CIFARCNN 2:4: 0.18 → 0.43 pp drop); a conv sees thousands of position
   ``bias = s (bias − μ_pruned) + μ_pruned + shift``); zeros stay zeros, so the sparsity pattern is unchanged.
 
 The layer's outputs are corrected the same way before the layers after it are calibrated on them. A layer whose
-only consumer is a BatchNorm that is being re-estimated is left to it. A layer without a bias gets one (a
+only consumer is a BatchNorm that is being re-estimated is left to it, and so is a layer with fewer output values per
+channel than weight columns (in practice every Linear layer: one sample per image). Measured on the seed models at
+2:4: correcting the classifier layers cost 0.17–0.22 pp on CIFARCNN and ResNet-18, while correcting VGG-16's convs
+halved its drop (0.76 → 0.37 pp). A layer without a bias gets one (a
 ``Conv2d(bias=False)`` module gains a zero-initialised bias first).
 """
 
@@ -146,13 +149,20 @@ def layer_bias(gm: torch.fx.GraphModule, node: Node) -> torch.Tensor | None:
     return None
 
 
-def correction_hook(weight: torch.Tensor, bias: torch.Tensor, channel_dim: int, mode: str,
-                    applied: list[ChannelCorrection] | None = None):
-    """``hook(outputs, dense_outputs) -> corrected outputs`` for the sweep; folds the correction into the layer."""
+def correction_hook(weight: torch.Tensor, bias: torch.Tensor, channel_dim: int, mode: str, min_samples: int,
+                    on_applied=None):
+    """``hook(outputs, dense_outputs) -> corrected outputs`` for the sweep; folds the correction into the layer.
+
+    The layer is left alone when its outputs hold fewer than ``min_samples`` values per channel (sgfx passes the
+    layer's column count): a Linear layer sees one sample per image, and correcting classifier layers from a few
+    hundred images cost accuracy on every model measured. ``on_applied()`` is called when a correction is made.
+    """
     def hook(outputs: list[torch.Tensor], dense_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if sum(y.numel() // y.shape[channel_dim] for y in outputs) < min_samples:
+            return outputs
         correction = channel_correction(outputs, dense_outputs, channel_dim, mode)
         apply_correction(weight, bias, correction)
-        if applied is not None:
-            applied.append(correction)
+        if on_applied is not None:
+            on_applied()
         return [correction.apply(y, channel_dim) for y in outputs]
     return hook
