@@ -19,13 +19,14 @@ from common import (
     MODELS, build_parser, calibration_set, parse_pattern_arg, prepare, prune_and_evaluate, write_rows,
 )
 
-_BN = dict(bn_reestimate=True)
-CONFIGS: dict[str, dict] = {
-    "magnitude": dict(method="magnitude", bn_reestimate=False),
-    "magnitude+bn": dict(method="magnitude", **_BN),
-    "wanda": dict(method="wanda", bn_reestimate=False),
-    "wanda+bn": dict(method="wanda", **_BN),
-    "sparsegpt": dict(bn_reestimate=False),
+_OFF = dict(dense_targets=False, permute_channels=False, stats_correction="off", augment=None)  # every remedy off
+_BN = dict(_OFF, bn_reestimate=True)
+CONFIGS: dict[str, dict] = {  # "+x": SparseGPT + BN re-estimation + x
+    "magnitude": dict(_OFF, method="magnitude", bn_reestimate=False),
+    "magnitude+bn": dict(_BN, method="magnitude"),
+    "wanda": dict(_OFF, method="wanda", bn_reestimate=False),
+    "wanda+bn": dict(_BN, method="wanda"),
+    "sparsegpt": dict(_OFF, bn_reestimate=False),
     "sparsegpt+bn": dict(_BN),
     "+stats": dict(_BN, stats_correction="mean"),
     "+stats_std": dict(_BN, stats_correction="mean_std"),
@@ -41,6 +42,7 @@ CONFIGS: dict[str, dict] = {
     "+permute+dense_targets+stats": dict(_BN, permute_channels=True, dense_targets=True, stats_correction="mean"),
     "+permute+dense_targets+stats+hflip": dict(_BN, permute_channels=True, dense_targets=True,
                                                stats_correction="mean", augment="hflip"),
+    "default": {},  # sgfx.sparsify's own defaults
 }
 BN_ONLY = {"magnitude+bn", "wanda+bn", "sparsegpt+bn"}  # identical to their plain row on a model without BatchNorm
 

@@ -402,13 +402,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--pattern", default="2:4", help='"N:M" or an unstructured fraction')
     parser.add_argument("--bn", choices=["on", "off", "both"], default="both",
                         help="BatchNorm re-estimation after pruning (models without BatchNorm run once)")
-    parser.add_argument("--dense-targets", choices=["on", "off", "both"], default="off",
+    parser.add_argument("--dense-targets", choices=["default", "on", "off", "both"], default="default",
                         help="fit SparseGPT layers to the dense model's outputs (ignored for other methods)")
     parser.add_argument("--augment", choices=["hflip"], default=None,
                         help="calibrate on the calibration images and their mirror images")
-    parser.add_argument("--stats-correction", choices=["mean", "mean_std"], default=None,
-                        help="restore pruned layers' per-channel output statistics (layers without BatchNorm after)")
-    parser.add_argument("--permute", action="store_true", help="permute channels for N:M before pruning")
+    parser.add_argument("--stats-correction", choices=["mean", "mean_std", "off"], default=None,
+                        help="restore pruned layers' per-channel output statistics (default: sgfx's)")
+    parser.add_argument("--permute", choices=["on", "off"], default=None,
+                        help="permute channels for N:M before pruning (default: sgfx's, on for N:M)")
     parser.add_argument("--calib-samples", type=int, default=256, help="training images used for calibration")
     parser.add_argument("--test-samples", type=int, default=0, help="evaluate on a random subset (0: all)")
     parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
@@ -434,7 +435,7 @@ def bn_settings(model: nn.Module, bn: str) -> list[bool]:
 
 def variants(model: nn.Module, methods: Sequence[str], bn: str, dense_targets: str) -> list[tuple[str, bool, bool]]:
     """(method, bn_reestimate, dense_targets) combinations to run."""
-    targets = {"on": [True], "off": [False], "both": [False, True]}[dense_targets]
+    targets = {"default": [None], "on": [True], "off": [False], "both": [False, True]}[dense_targets]
     return [(method, flag, target) for method in methods for flag in bn_settings(model, bn)
             for target in (targets if method == "sparsegpt" else [False])]
 
@@ -453,11 +454,12 @@ def prune_and_evaluate(name: str, model: nn.Module, calib: list[torch.Tensor], t
     LOG.info("%s", sgfx.report(gm))
     pruned = evaluate(gm, test_set, batch_size, desc=f"eval {label or method}")
     result = sgfx.get_report(gm)
+    resolved = sgfx.SparsifyConfig(pattern, **{k: v for k, v in options.items() if v is not None})
     return {
         "model": name, "config": label, "method": method, "pattern": str(sgfx.parse_pattern(pattern)),
-        "bn_reestimate": bool(result.bn_reestimated), "dense_targets": bool(options.get("dense_targets")),
-        "augment": options.get("augment"), "stats_correction": options.get("stats_correction"),
-        "permute_channels": bool(options.get("permute_channels")),
+        "bn_reestimate": bool(result.bn_reestimated), "dense_targets": resolved.dense_targets,
+        "augment": resolved.augment, "stats_correction": resolved.stats_correction,
+        "permute_channels": resolved.permute_channels,
         "baseline": round(dense, 2), "pruned": round(pruned, 2), "drop": round(dense - pruned, 2),
         "layers_pruned": len(result.pruned_layers), "layers": len(result.layers),
         "calib_samples": sum(len(b) for b in calib), "test_samples": len(test_set), "sparsify_s": round(elapsed, 1),
@@ -472,12 +474,13 @@ def sparsify_and_evaluate(name: str, model: nn.Module, train_set: ImageSet, test
                           methods: Sequence[str], pattern, calib_samples: int, seed: int = 0,
                           batch_size: int = 500, bn: str = "both", dense_targets: str = "off",
                           augment: str | None = None, stats_correction: str | None = None,
-                          permute_channels: bool = False) -> list[dict]:
+                          permute: str | None = None) -> list[dict]:
     calib = calibration_set(train_set, calib_samples, seed)
     rows = []
     for method, bn_reestimate, targets in variants(model, methods, bn, dense_targets):
         options = dict(method=method, bn_reestimate=bn_reestimate, dense_targets=targets, augment=augment,
-                       stats_correction=stats_correction, permute_channels=permute_channels)
+                       stats_correction=stats_correction,
+                       permute_channels=None if permute is None else permute == "on")
         rows.append(prune_and_evaluate(name, model, calib, test_set, dense, pattern, options, batch_size))
     return rows
 
@@ -494,8 +497,8 @@ def write_rows(rows: list[dict], out: Path | None) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    headers = ["model", "method", "bn_reestimate", "dense_targets", "stats_correction", "permute_channels", "pattern",
-               "baseline", "pruned", "drop", "sparsify_s"]
+    headers = ["model", "method", "bn_reestimate", "dense_targets", "stats_correction", "permute_channels",
+               "augment", "pattern", "baseline", "pruned", "drop", "sparsify_s"]
     return tabulate([[row[h] for h in headers] for row in rows], headers=headers, tablefmt="github")
 
 

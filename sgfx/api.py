@@ -208,10 +208,10 @@ class _LayerPruner:
             self.callback(record)
 
 
-def _correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str | None,
+def _correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str,
                       result: SparsityReport) -> dict:
     """Statistics-correction hooks for the pruned layers that may need one (each records itself when applied)."""
-    if mode is None:
+    if mode == "off":
         return {}
     hooks = {}
     for node in sorted(layers_to_correct(gm, set(to_prune), bn_nodes), key=list(to_prune).index):
@@ -241,7 +241,7 @@ def sparsify(
     bn_reestimate: bool | None = None,
     dense_targets: bool | None = None,
     augment: str | None = None,
-    stats_correction: str | None = None,
+    stats_correction: str | bool | None = None,
     permute_channels: bool | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
 ) -> torch.fx.GraphModule:
@@ -267,13 +267,15 @@ def sparsify(
         bn_reestimate: recompute the running statistics of every BatchNorm downstream of a pruned layer from
             the calibration data, during the sweep (default: on when there is such a BatchNorm).
         dense_targets: fit each layer to the dense model's outputs instead of its own dense weights applied to
-            the pruned inputs (default off; SparseGPT only; runs the dense model alongside).
+            the pruned inputs, where its calibration samples cover its columns (default: on for SparseGPT; runs the
+            dense model alongside). ``False`` turns it off.
         augment: ``"hflip"`` also calibrates on the horizontal mirror of every image (default ``None``).
-        stats_correction: ``"mean"`` or ``"mean_std"``: restore each pruned layer's per-channel output mean (and
-            std) to the dense model's on the calibration data, through its bias (default ``None``: off). Layers
-            feeding only a re-estimated BatchNorm are left to it.
+        stats_correction: ``"mean"`` (default) or ``"mean_std"``: restore each pruned layer's per-channel output
+            mean (and std) to the dense model's on the calibration data, through its bias; ``False``/``"off"``
+            disables it. Layers feeding only a re-estimated BatchNorm, or with fewer samples than columns (Linear
+            layers at a few hundred images), are left alone.
         permute_channels: reorder the channels between each producer layer and its consumers (function unchanged)
-            so that the N:M groups keep more saliency, before calibration (default off; N:M only).
+            so that the N:M groups keep more saliency, before calibration (default: on for N:M patterns).
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
 
     Returns:

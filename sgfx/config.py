@@ -25,7 +25,12 @@ __all__ = [
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
 AUGMENTATIONS = (None, "hflip")
-STATS_CORRECTIONS = (None, "mean", "mean_std")
+STATS_CORRECTIONS = ("off", "mean", "mean_std")
+
+# What ``None`` (the default) resolves to: the best combination measured on the seed models (docs/RESULTS.md).
+DEFAULT_DENSE_TARGETS = True  # for method="sparsegpt"
+DEFAULT_PERMUTE_CHANNELS = True  # for N:M patterns
+DEFAULT_STATS_CORRECTION = "mean"
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _ACCEPTED = (
@@ -131,15 +136,20 @@ class SparsifyConfig:
         bn_reestimate: re-estimate the statistics of BatchNorms after pruned layers from the calibration data
             (``None``: on whenever the model has such a BatchNorm).
         dense_targets: fit each pruned layer to the *dense* model's outputs (``‖W X_dense − Ŵ X_pruned‖``) rather
-            than to ``W X_pruned``; runs the dense model alongside (twice the activations). SparseGPT only.
+            than to ``W X_pruned``, where its calibration samples cover its columns; runs the dense model alongside
+            (twice the activations). SparseGPT only. ``None``: on for SparseGPT.
         augment: ``"hflip"`` adds the horizontal mirror of every calibration image (4-D inputs), doubling a small
             calibration set; ``None`` uses the data as given.
         stats_correction: ``"mean"`` restores each pruned layer's per-channel output mean to the dense model's
             (through its bias), ``"mean_std"`` also its standard deviation (by scaling the channel); layers whose
-            only consumer is a re-estimated BatchNorm are left to it. Runs the dense model alongside. ``None``: off.
+            only consumer is a re-estimated BatchNorm, or with fewer samples than columns, are left alone. Runs the
+            dense model alongside. ``"off"`` (or ``False``) disables it; ``None``: ``"mean"``.
         permute_channels: before calibration, reorder the channels between each prunable producer and its
             consumers (found through the graph; the function is unchanged) so that N:M groups keep more saliency.
-            N:M patterns only.
+            N:M patterns only. ``None``: on for N:M patterns.
+
+    ``None`` options resolve, on construction, to the best combination measured on the seed models
+    (``docs/RESULTS.md``); the stored config holds the resolved values.
 
     Example:
         >>> SparsifyConfig("2:4", skip=["fc*"]).sparsity
@@ -156,10 +166,10 @@ class SparsifyConfig:
     concrete_args: dict[str, Any] | None = field(default=None, compare=False)
     max_damping_retries: int = 6
     bn_reestimate: bool | None = None
-    dense_targets: bool = False
+    dense_targets: bool | None = None
     augment: str | None = None
-    stats_correction: str | None = None
-    permute_channels: bool = False
+    stats_correction: str | bool | None = None
+    permute_channels: bool | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -195,17 +205,25 @@ class SparsifyConfig:
             set_("device", device)
         if self.bn_reestimate is not None and not isinstance(self.bn_reestimate, bool):
             raise TypeError(f"bn_reestimate must be True, False or None, got {self.bn_reestimate!r}")
+        if self.dense_targets is None:
+            set_("dense_targets", DEFAULT_DENSE_TARGETS and self.method == "sparsegpt")
         if not isinstance(self.dense_targets, bool):
-            raise TypeError(f"dense_targets must be True or False, got {self.dense_targets!r}")
+            raise TypeError(f"dense_targets must be True, False or None, got {self.dense_targets!r}")
         if self.dense_targets and self.method != "sparsegpt":
             raise ValueError(f"dense_targets needs method='sparsegpt' (it changes the weights), got {self.method!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augment {self.augment!r}; accepted: None, " + ", ".join(AUGMENTATIONS[1:]))
-        if self.stats_correction not in STATS_CORRECTIONS:
-            raise ValueError(f"unknown stats_correction {self.stats_correction!r}; accepted: None, "
-                             + ", ".join(STATS_CORRECTIONS[1:]))
+        if self.stats_correction is None:
+            set_("stats_correction", DEFAULT_STATS_CORRECTION)
+        elif self.stats_correction is False:
+            set_("stats_correction", "off")
+        if not isinstance(self.stats_correction, str) or self.stats_correction not in STATS_CORRECTIONS:
+            raise ValueError(f"unknown stats_correction {self.stats_correction!r}; accepted: None (default), False, "
+                             + ", ".join(STATS_CORRECTIONS))
+        if self.permute_channels is None:
+            set_("permute_channels", DEFAULT_PERMUTE_CHANNELS and isinstance(self.sparsity, NMPattern))
         if not isinstance(self.permute_channels, bool):
-            raise TypeError(f"permute_channels must be True or False, got {self.permute_channels!r}")
+            raise TypeError(f"permute_channels must be True, False or None, got {self.permute_channels!r}")
         if self.permute_channels and not isinstance(self.sparsity, NMPattern):
             raise ValueError(f"permute_channels needs an N:M pattern (it regroups channels), got {self.sparsity}")
         if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:

@@ -5,6 +5,17 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import sgfx
+
+# Plain SparseGPT (no dense targets, permutation or statistics correction): what tests of the solve, the report
+# and the other passes compare against references.
+PLAIN = dict(dense_targets=False, permute_channels=False, stats_correction=False)
+
+
+def plain_sparsify(model, calib, sparsity="2:4", **options):
+    """``sgfx.sparsify`` with the remedies that change weights beyond the OBS solve switched off (unless given)."""
+    return sgfx.sparsify(model, calib, sparsity, **{**PLAIN, **options})
+
 
 class ConvBnNet(nn.Module):
     """conv-bn-relu-pool-linear, with a first conv whose 3 channels cannot take N:M."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sgfx
-from models import ConvBnNet, randomize_bn
+from models import ConvBnNet, randomize_bn, plain_sparsify
 
 
 def _calib(gen):
@@ -17,7 +17,7 @@ def _calib(gen):
 def test_bn_statistics_match_hand_computation(gen, method):
     model = randomize_bn(ConvBnNet(), gen).eval()
     calib = _calib(gen)
-    gm = sgfx.sparsify(model, calib, "2:4", method=method)  # default: re-estimate
+    gm = plain_sparsify(model, calib, "2:4", method=method)  # default: re-estimate
     assert sgfx.get_report(gm).bn_reestimated == ["bn2"]  # bn1 follows the dense (ineligible) conv1
     with torch.no_grad():
         feats = [gm.conv2(gm.pool(F.relu(gm.bn1(gm.conv1(x))))) for x in calib]  # pruned conv2's outputs
@@ -31,7 +31,7 @@ def test_bn_statistics_match_hand_computation(gen, method):
 @pytest.mark.filterwarnings("ignore:sgfx.*left dense")
 def test_bn_reestimation_can_be_switched_off(gen):
     model = randomize_bn(ConvBnNet(), gen).eval()
-    gm = sgfx.sparsify(model, _calib(gen), "2:4", bn_reestimate=False)
+    gm = plain_sparsify(model, _calib(gen), "2:4", bn_reestimate=False)
     assert sgfx.get_report(gm).bn_reestimated == []
     for name in ("bn1", "bn2"):
         assert torch.equal(getattr(gm, name).running_var, getattr(model, name).running_var)
@@ -49,7 +49,7 @@ def test_bn_reestimation_reduces_output_drift(gen):
         sgfx.passes.bn_reestimate.reestimate_batchnorm(
             model.bn2, [model.conv2(model.pool(F.relu(model.bn1(model.conv1(x))))) for x in calib])
         dense = model(held_out)
-        drift = {flag: (sgfx.sparsify(model, calib, "2:4", method="magnitude", bn_reestimate=flag)(held_out)
+        drift = {flag: (plain_sparsify(model, calib, "2:4", method="magnitude", bn_reestimate=flag)(held_out)
                         - dense).norm() for flag in (False, True)}
     assert drift[True] < drift[False]
 

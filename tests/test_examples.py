@@ -201,7 +201,7 @@ def test_ablation_runs_configs_and_pivots(tmp_path, capsys):
     assert [(r["pattern"], r["config"]) for r in rows] == [
         ("2:4", "magnitude"), ("2:4", "sparsegpt"), ("2:4", "+stats"), ("2:4", "+permute"),
         ("50% unstructured", "magnitude"), ("50% unstructured", "sparsegpt"), ("50% unstructured", "+stats")]
-    assert [r["stats_correction"] for r in rows[:4]] == [None, None, "mean", None]
+    assert [r["stats_correction"] for r in rows[:4]] == ["off", "off", "mean", "off"]
     assert rows[3]["permute_channels"] is True
     assert json.loads((tmp_path / "ablation.json").read_text()) == rows
     printed = capsys.readouterr().out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sgfx
-from models import cifar_resnet18, randomize_bn
+from models import cifar_resnet18, plain_sparsify, randomize_bn
 from reference import conv_via_loops_ok
 
 
@@ -15,7 +15,7 @@ def resnet_and_result():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib = [torch.randn(16, 3, 32, 32, generator=gen) for _ in range(2)]
     with pytest.warns(UserWarning, match="conv1 left dense"):
-        gm = sgfx.sparsify(model, calib, "2:4")
+        gm = plain_sparsify(model, calib, "2:4")
     return model, before, calib, gm
 
 
@@ -46,6 +46,20 @@ def test_resnet18_forward_and_model_untouched(resnet_and_result):
 def test_resnet18_same_result_twice(resnet_and_result):
     model, _, calib, gm = resnet_and_result
     with pytest.warns(UserWarning):
-        again = sgfx.sparsify(model, calib, "2:4")
+        again = plain_sparsify(model, calib, "2:4")
     for name, param in gm.named_parameters():
         assert torch.equal(param, again.get_parameter(name)), name
+
+
+def test_resnet18_default_remedies_keep_the_pattern(resnet_and_result):
+    """The default configuration (permutation, dense targets, statistics correction, BN re-estimation)."""
+    model, _, calib, _ = resnet_and_result
+    with pytest.warns(UserWarning, match="conv1 left dense"):
+        gm = sgfx.sparsify(model, calib, "2:4")
+    report = sgfx.get_report(gm)
+    assert len(report.permuted) == 8 and len(report.bn_reestimated) == 19  # not bn1: conv1 stays dense
+    assert any(r.dense_targets for r in report.layers) and not report.stats_corrected  # fc: 32 samples < 512
+    assert sgfx.check_pattern(gm, "2:4")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert gm(x).shape == (4, 10) and bool(torch.isfinite(gm(x)).all())

@@ -9,7 +9,7 @@ from torch import nn
 
 import sgfx
 import sgfx.api
-from models import ConvBnNet, Functional, TwoLayer, randomize_bn
+from models import ConvBnNet, Functional, TwoLayer, randomize_bn, plain_sparsify
 from reference import conv_via_loops_ok, hessian_of
 
 PATTERNS = ["2:4", "1:4", "4:8", 0.5]
@@ -30,7 +30,7 @@ def test_end_to_end_small_cnn(gen, pattern, method):
     model = randomize_bn(ConvBnNet(), gen).eval()
     before = _state(model)
     calib = _calib(gen)
-    gm = sgfx.sparsify(model, calib, pattern, method=method)
+    gm = plain_sparsify(model, calib, pattern, method=method)
     assert isinstance(gm, torch.fx.GraphModule)
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before), "user model was mutated"
@@ -109,7 +109,7 @@ def test_sparsegpt_layer_error_below_magnitude(gen):
     calib = _calib(gen)
     errors = {}
     for method in ("sparsegpt", "magnitude", "wanda"):
-        records = sgfx.get_report(sgfx.sparsify(model, calib, "2:4", method=method)).pruned_layers
+        records = sgfx.get_report(plain_sparsify(model, calib, "2:4", method=method)).pruned_layers
         errors[method] = {r.name: r.rel_error for r in records}
     for name, err in errors["sparsegpt"].items():
         assert err < errors["magnitude"][name], name
@@ -121,7 +121,7 @@ def test_sparsegpt_layer_error_below_magnitude(gen):
 def test_reported_error_matches_outputs(gen, method, images, size):
     model = TwoLayer().eval()
     calib = [torch.randn(images, 8, size, size, generator=gen)]
-    gm = sgfx.sparsify(model, calib, "2:4", method=method)
+    gm = plain_sparsify(model, calib, "2:4", method=method)
     record = next(r for r in sgfx.get_report(gm).layers if r.name == "conv1")
     x = calib[0]
     torch.set_grad_enabled(False)
@@ -165,7 +165,7 @@ def test_half_precision_model(gen):
 def test_training_mode_warns_and_is_restored(gen):
     model = randomize_bn(ConvBnNet(), gen).train()
     with pytest.warns(UserWarning, match="training mode"):
-        gm = sgfx.sparsify(model, _calib(gen), "2:4")
+        gm = plain_sparsify(model, _calib(gen), "2:4")
     assert gm.training and model.training
     # calibration used running statistics (eval): pruning in train mode would have changed them
     assert torch.equal(gm.bn1.running_mean, model.bn1.running_mean)
@@ -282,7 +282,8 @@ class _FixedBatch(nn.Module):
 
 
 def test_wrong_calibration_shape_names_the_node():
-    expected = r"node `%conv1.*expects a \(B, 8, H, W\) input, got shape \(2, 3, 6, 6\)"
+    # raised by the permutation pass's forward (default for N:M) or by the sweep: either names the node and shape
+    expected = r"node `%conv1.*(expects a \(B, 8, H, W\) input, got shape|input shape) \(2, 3, 6, 6\)"
     with pytest.raises(sgfx.CalibrationError, match=expected):
         sgfx.sparsify(TwoLayer().eval(), torch.randn(2, 3, 6, 6), "2:4")
     model = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(12, 4))

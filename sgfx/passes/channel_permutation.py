@@ -31,6 +31,7 @@ from torch import nn
 from torch.fx.node import Node
 
 from ..config import NMPattern
+from .sequential_prune import CalibrationError
 
 __all__ = ["PermutationGroup", "find_permutation_groups", "search_permutation", "kept_saliency",
            "apply_permutation", "permute_channels"]
@@ -270,11 +271,16 @@ def permute_channels(gm: torch.fx.GraphModule, batches: list[torch.Tensor], prun
                 x = self.env[node.args[0]]
                 x = x.movedim(1, -1) if _layer_kind(_module(gm, node)) == "conv" else x
                 sums[node] = sums.get(node, 0) + x.reshape(-1, x.shape[-1]).double().square().sum(0)
-            return super().run_node(node)
+            try:
+                return super().run_node(node)
+            except Exception as exc:
+                raise CalibrationError(f"calibration failed at node `{node.format_node()}` (input shape "
+                                       f"{tuple(batch.shape)}): {type(exc).__name__}: {exc}") from exc
 
     runner = _Norms(gm)
-    for x in batches:
-        runner.run(x)
+    runner.extra_traceback = False
+    for batch in batches:
+        runner.run(batch)
     for group in groups:
         norms = sums[group.consumers[0]].sqrt()  # all consumers read the same tensor
         saliency = torch.cat([_saliency_rows(_module(gm, c).weight, norms) for c in group.consumers])

@@ -146,10 +146,15 @@ class SequentialPruner(torch.fx.Interpreter):
         kwargs = map_arg(node.kwargs, lambda n: env[n][index])
         return getattr(runner, node.op)(node.target, args, kwargs)
 
-    def _run_dense(self, n: Node) -> None:
-        """The node's outputs on the unpruned weights; frees dense values whose last use this is."""
+    def _run_dense(self, n: Node, position: list[int]) -> None:
+        """The node's outputs on the unpruned weights; frees dense values whose last use this is. ``position[0]``
+        tracks the batch being run, for error messages."""
         if n.op != "output":
-            self.dense_env[n] = [self._run_batch(n, i, self.dense) for i in range(len(self._batches))]
+            values = []
+            for index in range(len(self._batches)):
+                position[0] = index
+                values.append(self._run_batch(n, index, self.dense))
+            self.dense_env[n] = values
         for used in self.user_to_last_uses.get(n, []):
             self.dense_env.pop(used, None)
 
@@ -175,16 +180,17 @@ class SequentialPruner(torch.fx.Interpreter):
         hook = self.before_node.get(n)
         if hook is not None:
             hook(self.env[n.args[0]])
-        index = 0
+        position = [0]  # the batch being run
         try:
             if self.dense is not None:
-                self._run_dense(n)
+                self._run_dense(n, position)
             outputs = []
-            for index in range(len(self._batches)):
-                outputs.append(self._run_batch(n, index))
+            for position[0] in range(len(self._batches)):
+                outputs.append(self._run_batch(n, position[0]))
         except CalibrationError:
             raise
         except Exception as exc:
+            index = position[0]
             shape = tuple(self._batches[index].shape)
             raise CalibrationError(
                 f"calibration failed at node `{n.format_node()}` on batch {index} (input shape {shape}): "
