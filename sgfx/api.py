@@ -216,12 +216,12 @@ def _correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, m
     hooks = {}
     for node in sorted(layers_to_correct(gm, set(to_prune), bn_nodes), key=list(to_prune).index):
         layer = to_prune[node]
-        bias = layer_bias(gm, node)
-        if bias is None:
+        if node.op != "call_module" and layer_bias(gm, node, create=False) is None:
             warnings.warn(f"sgfx: {layer.name}: no bias to correct its statistics through (a functional call "
                           "without a get_attr bias); left uncorrected", UserWarning, stacklevel=3)
             continue
-        hooks[node] = correction_hook(layer.weight, bias, 1 if layer.op == "Conv2d" else -1, mode, layer.columns,
+        hooks[node] = correction_hook(layer.weight, functools.partial(layer_bias, gm, node),
+                                      1 if layer.op == "Conv2d" else -1, mode, layer.columns,
                                       functools.partial(result.stats_corrected.append, layer.name))
     return hooks
 

@@ -111,6 +111,13 @@ def test_bias_is_created_and_the_model_is_not_mutated(gen):
     assert gm.conv2.bias.abs().sum() > 0
 
 
+def test_no_bias_is_created_where_no_correction_is_made(gen):
+    model = NoBnNet().eval()
+    gm = sgfx.sparsify(model, torch.randn(1, 8, 16, 16, generator=gen), "2:4", stats_correction="mean")
+    assert sgfx.get_report(gm).stats_corrected == ["conv1"]  # conv2: 64 positions < 144 columns
+    assert gm.conv2.bias is None
+
+
 def test_corrected_model_saves_and_loads(gen, tmp_path):
     model = NoBnNet().eval()
     gm = sgfx.sparsify(model, _calib(gen), "2:4", stats_correction="mean_std")

@@ -29,6 +29,7 @@ halved its drop (0.76 → 0.37 pp). A layer without a bias gets one (a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx
@@ -135,11 +136,12 @@ def ensure_bias(module: nn.Module) -> torch.Tensor:
     return module.bias
 
 
-def layer_bias(gm: torch.fx.GraphModule, node: Node) -> torch.Tensor | None:
-    """The bias tensor a Conv2d/Linear node adds (created for modules without one); None for a functional call
-    whose bias is not a ``get_attr`` of ``gm``."""
+def layer_bias(gm: torch.fx.GraphModule, node: Node, create: bool = True) -> torch.Tensor | None:
+    """The bias tensor a Conv2d/Linear node adds (with ``create``, made for modules without one); None for a
+    functional call whose bias is not a ``get_attr`` of ``gm``."""
     if node.op == "call_module":
-        return ensure_bias(gm.get_submodule(node.target))
+        module = gm.get_submodule(node.target)
+        return ensure_bias(module) if create else module.bias
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if isinstance(bias, Node) and bias.op == "get_attr":
         tensor = gm
@@ -149,9 +151,10 @@ def layer_bias(gm: torch.fx.GraphModule, node: Node) -> torch.Tensor | None:
     return None
 
 
-def correction_hook(weight: torch.Tensor, bias: torch.Tensor, channel_dim: int, mode: str, min_samples: int,
-                    on_applied=None):
-    """``hook(outputs, dense_outputs) -> corrected outputs`` for the sweep; folds the correction into the layer.
+def correction_hook(weight: torch.Tensor, bias: Callable[[], torch.Tensor], channel_dim: int, mode: str,
+                    min_samples: int, on_applied=None):
+    """``hook(outputs, dense_outputs) -> corrected outputs`` for the sweep; folds the correction into the layer's
+    ``weight`` and ``bias()`` (called only when a correction is made, so a bias is created only then).
 
     The layer is left alone when its outputs hold fewer than ``min_samples`` values per channel (sgfx passes the
     layer's column count): a Linear layer sees one sample per image, and correcting classifier layers from a few
@@ -161,7 +164,7 @@ def correction_hook(weight: torch.Tensor, bias: torch.Tensor, channel_dim: int, 
         if sum(y.numel() // y.shape[channel_dim] for y in outputs) < min_samples:
             return outputs
         correction = channel_correction(outputs, dense_outputs, channel_dim, mode)
-        apply_correction(weight, bias, correction)
+        apply_correction(weight, bias(), correction)
         if on_applied is not None:
             on_applied()
         return [correction.apply(y, channel_dim) for y in outputs]
