@@ -16,7 +16,8 @@ from tabulate import tabulate
 from torch import nn
 
 from common import (
-    MODELS, build_parser, calibration_set, parse_pattern_arg, prepare, prune_and_evaluate, write_rows,
+    MODELS, build_parser, calibration_set, has_batchnorm, parse_pattern_arg, prepare, prune_and_evaluate,
+    write_rows,
 )
 
 _OFF = dict(dense_targets=False, permute_channels=False, stats_correction="off", augment=None)  # every remedy off
@@ -47,15 +48,11 @@ CONFIGS: dict[str, dict] = {  # "+x": SparseGPT + BN re-estimation + x
 BN_ONLY = {"magnitude+bn", "wanda+bn", "sparsegpt+bn"}  # identical to their plain row on a model without BatchNorm
 
 
-def _has_bn(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def applicable(config: str, model: nn.Module, pattern) -> bool:
     options = CONFIGS[config]
     if options.get("permute_channels") and not isinstance(pattern, str):
         return False  # permutation regroups N:M groups; nothing to regroup for unstructured sparsity
-    return _has_bn(model) or config not in BN_ONLY
+    return has_batchnorm(model) or config not in BN_ONLY
 
 
 def pivot(rows: list[dict]) -> str:

@@ -426,9 +426,12 @@ def parse_pattern_arg(text: str):
         return text
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def bn_settings(model: nn.Module, bn: str) -> list[bool]:
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if not has_bn:
+    if not has_batchnorm(model):
         return [False]
     return {"on": [True], "off": [False], "both": [False, True]}[bn]
 

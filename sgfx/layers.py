@@ -173,7 +173,7 @@ class PrunableLayer:
         x = self._pad(x).permute(0, 2, 3, 1).contiguous()  # (B, Hp, Wp, C)
         batch, height, width, channels = x.shape
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+        out_h, out_w = self._output_size(height, width)
         sb, sy, sx, sc = x.stride()
         groups = self.num_groups
         view = x.as_strided(  # (G, B, H', W', kh, kw, C/G)
@@ -182,14 +182,17 @@ class PrunableLayer:
         )
         return view.reshape(groups, batch * out_h * out_w, kh * kw * (channels // groups))
 
+    def _output_size(self, padded_height: int, padded_width: int) -> tuple[int, int]:
+        """The conv's output height and width for an already padded input."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        return (padded_height - dh * (kh - 1) - 1) // sh + 1, (padded_width - dw * (kw - 1) - 1) // sw + 1
+
     def input_vectors(self, x: torch.Tensor) -> int:
         """How many input vectors (Hessian samples) one batch ``x`` of this layer's input holds."""
         if self.op == "Linear":
             return x.numel() // x.shape[-1]
         left, right, top, bottom = self.padding
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        out_h = (x.shape[-2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
-        out_w = (x.shape[-1] + left + right - dw * (kw - 1) - 1) // sw + 1
+        out_h, out_w = self._output_size(x.shape[-2] + top + bottom, x.shape[-1] + left + right)
         return x.shape[0] * out_h * out_w
 
     def hessian_accumulator(self, device: torch.device | None = None, diagonal_only: bool = False,

@@ -120,6 +120,7 @@ class SequentialPruner(torch.fx.Interpreter):
         self.dense = None if dense is None else torch.fx.Interpreter(dense)  # runs gm's nodes on dense weights
         self.dense_env: dict[Node, list[Any]] = {}
         self._batches: list[torch.Tensor] = []
+        self._batch_index = 0  # the batch being run, for error messages
         self._placeholders_seen = 0
 
     def run_batches(self, batches: list[torch.Tensor]) -> list[Any]:
@@ -140,21 +141,17 @@ class SequentialPruner(torch.fx.Interpreter):
         )
 
     def _run_batch(self, node: Node, index: int, runner: torch.fx.Interpreter | None = None) -> Any:
+        self._batch_index = index  # for error messages
         runner = runner or self
         env = self.env if runner is self else self.dense_env
         args = map_arg(node.args, lambda n: env[n][index])
         kwargs = map_arg(node.kwargs, lambda n: env[n][index])
         return getattr(runner, node.op)(node.target, args, kwargs)
 
-    def _run_dense(self, n: Node, position: list[int]) -> None:
-        """The node's outputs on the unpruned weights; frees dense values whose last use this is. ``position[0]``
-        tracks the batch being run, for error messages."""
+    def _run_dense(self, n: Node) -> None:
+        """The node's outputs on the unpruned weights; frees dense values whose last use this is."""
         if n.op != "output":
-            values = []
-            for index in range(len(self._batches)):
-                position[0] = index
-                values.append(self._run_batch(n, index, self.dense))
-            self.dense_env[n] = values
+            self.dense_env[n] = [self._run_batch(n, i, self.dense) for i in range(len(self._batches))]
         for used in self.user_to_last_uses.get(n, []):
             self.dense_env.pop(used, None)
 
@@ -180,17 +177,15 @@ class SequentialPruner(torch.fx.Interpreter):
         hook = self.before_node.get(n)
         if hook is not None:
             hook(self.env[n.args[0]])
-        position = [0]  # the batch being run
+        self._batch_index = 0
         try:
             if self.dense is not None:
-                self._run_dense(n, position)
-            outputs = []
-            for position[0] in range(len(self._batches)):
-                outputs.append(self._run_batch(n, position[0]))
+                self._run_dense(n)
+            outputs = [self._run_batch(n, index) for index in range(len(self._batches))]
         except CalibrationError:
             raise
         except Exception as exc:
-            index = position[0]
+            index = self._batch_index
             shape = tuple(self._batches[index].shape)
             raise CalibrationError(
                 f"calibration failed at node `{n.format_node()}` on batch {index} (input shape {shape}): "
