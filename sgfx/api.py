@@ -139,7 +139,7 @@ class _LayerPruner:
         accumulator = layer.hessian_accumulator(device, diagonal_only, cross=dense_inputs is not None)
         for index, x in enumerate(inputs):
             accumulator.add(x, None if dense_inputs is None else dense_inputs[index])
-        record.samples = accumulator.samples
+        record.samples, record.hessian_flops = accumulator.samples, accumulator.flops
         cross = accumulator.finalize_cross() if dense_inputs is not None else None
         statistics = accumulator.finalize()
         record.hessian_s = time.perf_counter() - start

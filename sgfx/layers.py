@@ -12,7 +12,9 @@ Hessian. ``H = 2/n Σ x xᵀ`` over the n input vectors the layer multiplies (ro
 patches of a conv input). Each chunk's product runs in float32 (BLAS block sums keep its relative error near
 1e-6, far below the 1 % damping added later) and chunks accumulate in float64 so that many batches do not
 drift. Conv inputs are unfolded a few images at a time, so no layer ever holds the unfolded inputs of the whole
-calibration set. Patches are cut straight into solve order (see ``PrunableLayer.patches``).
+calibration set. Patches are cut straight into solve order (see ``PrunableLayer.patches``). Stride-1 convs on
+feature maps large against their kernel skip the unfolding: their Gram blocks come from shifted correlations of
+the input (:mod:`sgfx.conv_gram`), whichever of the two routes needs fewer multiply-adds.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NMPattern, Pattern
+from .conv_gram import ConvGeometry, accumulate_gram, gram_flops, plan_blocks
 
 __all__ = ["PrunableLayer", "HessianAccumulator", "conv_column_permutation", "fetch_tensor"]
 
@@ -182,6 +185,13 @@ class PrunableLayer:
         )
         return view.reshape(groups, batch * out_h * out_w, kh * kw * (channels // groups))
 
+    def patch_geometry(self, height: int, width: int) -> ConvGeometry | None:
+        """The geometry for shift-correlation Gram matrices of an (H, W) input, or None when they do not apply
+        (Linear, strided, non-zero padding mode, or 1x1 kernels, whose unfolding is a plain reshape)."""
+        if self.op != "Conv2d" or self.stride != (1, 1) or self.padding_mode != "zeros" or self.kernel_size == (1, 1):
+            return None
+        return ConvGeometry(self.kernel_size, self.dilation, self.padding, height, width)
+
     def _output_size(self, padded_height: int, padded_width: int) -> tuple[int, int]:
         """The conv's output height and width for an already padded input."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
@@ -206,6 +216,17 @@ class PrunableLayer:
         return F.conv2d(self._pad(x), weight, None, self.stride, 0, self.dilation, self.groups)
 
 
+def _upper_tiles(cols: int) -> list[tuple[int, int]]:
+    """(start, width) of the column tiles whose products on and right of the diagonal make up XᵀX's upper part."""
+    tile = max(_MIN_TILE, -(-cols // (_TILES * 64)) * 64)
+    return [(i, min(tile, cols - i)) for i in range(0, cols, tile)]
+
+
+def _tile_flops(n: int, cols: int) -> int:
+    """FLOPs of the tiled upper product of n input vectors of width cols."""
+    return sum(2 * n * tile * (cols - i) for i, tile in _upper_tiles(cols))
+
+
 class HessianAccumulator:
     """Streams calibration inputs of one layer into ``H = 2/n Σ x xᵀ`` (one Hessian per conv group)."""
 
@@ -221,6 +242,8 @@ class HessianAccumulator:
         self.dtype = torch.float64 if cols <= 16384 else torch.float32
         self.sums: torch.Tensor | None = None  # (groups, cols, cols) in solve order, allocated lazily
         self.samples = 0
+        self.flops = 0  # multiply-add FLOPs of the Gram products so far (2 per MAC)
+        self._routes: dict[tuple[int, ...], tuple] = {}  # input shape -> (geometry, blocks, cross blocks) or None
 
     def _add_rows(self, rows: torch.Tensor) -> None:
         """rows: (groups, n, cols) float32 input vectors. Only tiles on or above the diagonal are computed
@@ -234,15 +257,16 @@ class HessianAccumulator:
             return
         if self.sums is None:
             self.sums = torch.zeros(groups, cols, cols, dtype=self.dtype, device=rows.device)
-        tile = max(_MIN_TILE, -(-cols // (_TILES * 64)) * 64)
-        for i in range(0, cols, tile):
+        for i, tile in _upper_tiles(cols):
             left = rows[:, :, i:i + tile].transpose(1, 2)  # (groups, t, n)
             product = torch.bmm(left, rows[:, :, i:])  # (groups, t, cols - i)
             self.sums[:, i:i + tile, i:] += product.to(self.dtype)
+        self.flops += _tile_flops(n, cols) * groups
 
     def _add_cross(self, rows: torch.Tensor, dense_rows: torch.Tensor) -> None:
         """rows, dense_rows: (groups, n, cols) pruned- and dense-model inputs of the same samples."""
         product = torch.bmm(dense_rows.transpose(1, 2), rows)  # (groups, cols, cols)
+        self.flops += 2 * rows.numel() * rows.shape[-1]
         if self.cross_sums is None:
             self.cross_sums = torch.zeros_like(product, dtype=self.dtype)
         self.cross_sums += product.to(self.dtype)
@@ -251,6 +275,13 @@ class HessianAccumulator:
         """Yield the input vectors of one batch as (groups, n, cols) float32 chunks, on the accumulator's device."""
         for rows in self._host_rows(x):
             yield rows if self.device is None else rows.to(self.device)
+
+    def _check_conv_input(self, x: torch.Tensor) -> None:
+        channels = self.layer.in_per_group * self.layer.num_groups
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(
+                f"{self.layer.name}: Conv2d expects a (B, {channels}, H, W) input, got shape {tuple(x.shape)}"
+            )
 
     def _host_rows(self, x: torch.Tensor):
         layer = self.layer
@@ -263,21 +294,60 @@ class HessianAccumulator:
             for start in range(0, flat.shape[0], step):
                 yield flat[start:start + step].unsqueeze(0)
             return
-        channels = layer.in_per_group * layer.num_groups
-        if x.dim() != 4 or x.shape[1] != channels:
-            raise ValueError(
-                f"{layer.name}: Conv2d expects a (B, {channels}, H, W) input, got shape {tuple(x.shape)}"
-            )
+        self._check_conv_input(x)
         per_image = max(1, layer.patches(x[:1]).numel())
         step = max(1, _CHUNK_ELEMENTS // per_image)
         for start in range(0, x.shape[0], step):
             yield layer.patches(x[start:start + step])  # (groups, n, cols)
 
+    def _shift_route(self, x: torch.Tensor) -> tuple | None:
+        """(geometry, blocks, cross blocks) when shifted correlations beat unfolding for inputs shaped like x."""
+        key = tuple(x.shape)
+        if key not in self._routes:
+            self._routes[key] = None
+            geometry = None if self.diagonal_only or x.dim() != 4 else self.layer.patch_geometry(*x.shape[-2:])
+            if geometry is not None and min(geometry.output_size) > 0:
+                blocks = plan_blocks(geometry, symmetric=True)
+                cross_blocks = plan_blocks(geometry, symmetric=False) if self.cross else []
+                per_group = self.layer.in_per_group
+                shifted = gram_flops(geometry, blocks, 1, per_group) + gram_flops(geometry, cross_blocks, 1, per_group)
+                n, cols = self.layer.input_vectors(x[:1]), self.layer.columns
+                unfolded = _tile_flops(n, cols) + (2 * n * cols * cols if self.cross else 0)
+                if shifted < unfolded:
+                    self._routes[key] = (geometry, blocks, cross_blocks)
+        return self._routes[key]
+
+    def _add_shifted(self, x: torch.Tensor, dense: torch.Tensor | None, route: tuple) -> None:
+        geometry, blocks, cross_blocks = route
+        layer, groups = self.layer, self.layer.num_groups
+        device = x.device if self.device is None else self.device
+        if self.sums is None:
+            self.sums = torch.zeros(groups, layer.columns, layer.columns, dtype=self.dtype, device=device)
+        if self.cross and self.cross_sums is None:
+            self.cross_sums = torch.zeros_like(self.sums)
+        sep_h, sep_w = geometry.separation
+        step = max(1, _CHUNK_ELEMENTS // ((x.shape[2] + sep_h) * (x.shape[3] + sep_w) * x.shape[1]))
+        for start in range(0, x.shape[0], step):
+            chunk = x[start:start + step].detach().to(device, torch.float32)
+            accumulate_gram(self.sums, chunk, chunk, geometry, blocks, groups)
+            self.flops += gram_flops(geometry, blocks, chunk.shape[0], layer.in_per_group) * groups
+            if self.cross:
+                dense_chunk = dense[start:start + step].detach().to(device, torch.float32)
+                accumulate_gram(self.cross_sums, dense_chunk, chunk, geometry, cross_blocks, groups)
+                self.flops += gram_flops(geometry, cross_blocks, chunk.shape[0], layer.in_per_group) * groups
+            self.samples += layer.input_vectors(chunk)
+
     def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Add one calibration batch of this layer's input (and, in cross mode, the dense model's input)."""
+        if self.cross and (dense is None or dense.shape != x.shape):
+            raise ValueError(f"{self.layer.name}: the dense-target solve needs the dense input of each batch")
+        if self.layer.op == "Conv2d":
+            self._check_conv_input(x)
+            route = self._shift_route(x)
+            if route is not None:
+                self._add_shifted(x, dense, route)
+                return
         if self.cross:
-            if dense is None or dense.shape != x.shape:
-                raise ValueError(f"{self.layer.name}: the dense-target solve needs the dense input of each batch")
             for rows, dense_rows in zip(self._rows(x), self._rows(dense)):
                 self._add_rows(rows)
                 self._add_cross(rows, dense_rows)
