@@ -171,6 +171,51 @@ def _block_prune_counts(pattern: Unstructured, rows: int, cols: int, blocksize: 
     return [hi - lo for lo, hi in zip(cumulative[:-1], cumulative[1:])]
 
 
+_PANEL = 32  # columns whose eager updates stay inside the panel; one GEMM per panel updates the rest of the block
+
+
+def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: torch.Tensor,
+                      pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseGPT's column sweep over one block: choose each N:M group's mask from the compensated weights (or use
+    the given unstructured ``mask``), and push every pruned weight's error onto the block's later columns.
+
+    Args:
+        w_block: (rows, b) weights of the block, already compensated for the blocks before it.
+        hinv_block: (b, b) ``U[B, B]``, the block's part of the upper Cholesky factor of ``H⁻¹``.
+        mask: (rows, b) bool, True where pruned (filled in here for N:M).
+    Returns:
+        (compensated weights, scaled errors ``(w − q)/U_jj``, mask), each (rows, b).
+
+    Works on transposed copies so that a column is a contiguous vector. Column c's error needs only the errors of
+    the pruned columns before it in its group (kept columns have none), so each group takes one small GEMV per
+    column; groups update the rest of their panel of ``_PANEL`` columns eagerly and panels the rest of the block.
+    """
+    columns = w_block.T.contiguous()  # (b, rows)
+    pruned = mask.T.contiguous()  # (b, rows)
+    errors = torch.empty_like(columns)  # (b, rows)
+    inverse_diag = hinv_block.diagonal().reciprocal().unsqueeze(1)  # (b, 1)
+    width = columns.shape[0]
+    step = pattern.m if isinstance(pattern, NMPattern) else _SUB_BLOCK
+    for panel in range(0, width, _PANEL):
+        panel_end = min(panel + _PANEL, width)
+        for sub in range(panel, panel_end, step):
+            end = min(sub + step, panel_end)
+            group, group_errors, group_pruned = columns[sub:end], errors[sub:end], pruned[sub:end]  # (s, rows)
+            scale = inverse_diag[sub:end]  # (s, 1)
+            if isinstance(pattern, NMPattern):  # lowest |w| / U_jj within the group, per row
+                drop = (group * scale).abs_().topk(pattern.n_pruned, dim=0, largest=False).indices
+                group_pruned.scatter_(0, drop, True)
+            torch.mul(group, group_pruned, out=group_errors).mul_(scale)  # exact for the group's first column
+            for col in range(1, end - sub):
+                group[col].sub_(hinv_block[sub:sub + col, sub + col] @ group_errors[:col])
+                torch.mul(group[col], group_pruned[col], out=group_errors[col]).mul_(scale[col])
+            if end < panel_end:
+                columns[end:panel_end].addmm_(hinv_block[sub:end, end:panel_end].T, group_errors, alpha=-1)
+        if panel_end < width:
+            columns[panel_end:].addmm_(hinv_block[panel:panel_end, panel_end:].T, errors[panel:panel_end], alpha=-1)
+    return columns.T, errors.T, pruned.T
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -232,22 +277,7 @@ def sparsegpt_prune(
         if counts is not None and counts[block]:
             scores = (w_block.square() / diag.square()).flatten()
             mask.view(-1)[torch.topk(scores, counts[block], largest=False).indices] = True
-        errors = torch.empty_like(w_block)  # (rows, b) scaled errors (w - q) / d
-        step = pattern.m if isinstance(pattern, NMPattern) else _SUB_BLOCK
-        for sub in range(0, stop - start, step):  # eager updates inside a sub-block, one GEMM for the rest
-            end = min(sub + step, stop - start)
-            if isinstance(pattern, NMPattern):  # choose the group's mask from the compensated weights
-                scores = w_block[:, sub:end].square() / diag[sub:end].square()  # (rows, m)
-                drop = torch.topk(scores, pattern.n_pruned, dim=1, largest=False).indices
-                mask[:, sub:end].scatter_(1, drop, True)
-            scale = mask[:, sub:end] / diag[sub:end]  # (rows, s): 1/d where pruned, else 0
-            w_sub, err_sub = w_block[:, sub:end], errors[:, sub:end]
-            for col in range(end - sub):
-                torch.mul(w_sub[:, col], scale[:, col], out=err_sub[:, col])
-                if col + 1 < end - sub:
-                    w_sub[:, col + 1:].addr_(err_sub[:, col], hinv_block[sub + col, sub + col + 1:end], alpha=-1)
-            if end < stop - start:
-                w_block[:, end:].addmm_(err_sub, hinv_block[sub:end, end:], alpha=-1)
+        w_block, errors, mask = _compensate_block(w_block, hinv_block, mask, pattern)
         loss += errors.square().sum(dtype=torch.float64) / 2
         w_block.masked_fill_(mask, 0.0)  # pruned weights are exactly zero
         final[:, start:stop] = w_block
