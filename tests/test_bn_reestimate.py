@@ -57,3 +57,21 @@ def test_bn_reestimation_reduces_output_drift(gen):
 def test_bad_bn_option():
     with pytest.raises(TypeError, match="bn_reestimate"):
         sgfx.SparsifyConfig("2:4", bn_reestimate="yes")
+
+
+@pytest.mark.parametrize("shape", [(10, 3), (4, 3, 5, 5)], ids=["1d", "2d"])
+def test_reestimate_pools_batches_and_keeps_constant_channels(shape, gen):
+    """Pooled statistics of uneven batches, with a constant channel (a dead ReLU channel) getting variance 0."""
+    from torch import nn
+
+    from sgfx.passes.bn_reestimate import reestimate_batchnorm
+
+    bn = nn.BatchNorm1d(3) if len(shape) == 2 else nn.BatchNorm2d(3)
+    inputs = [torch.randn(shape, generator=gen) * 3 + 1, torch.randn((shape[0] // 2, *shape[1:]), generator=gen)]
+    for x in inputs:
+        x[:, 1] = 2.0
+    reestimate_batchnorm(bn, inputs)
+    pooled = torch.cat([x.transpose(0, 1).reshape(3, -1) for x in inputs], dim=1).double()  # (C, all values)
+    torch.testing.assert_close(bn.running_mean.double(), pooled.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), pooled.var(1), rtol=1e-5, atol=1e-6)
+    assert bn.running_var[1] == 0
