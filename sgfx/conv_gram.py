@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConvGeometry", "GramBlock", "plan_blocks", "gram_flops", "accumulate_gram"]
+__all__ = ["ConvGeometry", "GramBlock", "plan_blocks", "gram_flops", "correlate", "assemble", "accumulate_gram"]
 
 
 @dataclass(frozen=True)
@@ -110,17 +110,19 @@ def _zero_separated(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     return buffer.view(-1, channels)
 
 
-def accumulate_gram(sums: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: ConvGeometry,
-                    blocks: list[GramBlock], groups: int) -> None:
-    """Add ``Σ p₁ p₂ᵀ`` over all output pixels' patches p₁ of ``first`` and p₂ of ``second`` into ``sums``.
+def correlate(first: torch.Tensor, second: torch.Tensor, geometry: ConvGeometry, blocks: list[GramBlock],
+              groups: int) -> tuple[dict, dict]:
+    """The pieces the listed blocks are made of, for one chunk of inputs: the correlation at each offset and the
+    sum over each border strip, every one (groups, c, c) in the inputs' dtype, c = C/groups.
+
+    Pieces are linear in the inputs, so callers may sum them over chunks and :func:`assemble` the blocks once.
 
     Args:
-        sums: (groups, K·C/groups, K·C/groups) accumulator in solve layout (kernel position major, then channel);
-            only the listed blocks are written.
-        first, second: (B, C, H, W) float inputs (the same tensor for a Hessian).
-        geometry: the conv's stride-1 patch geometry; ``H, W`` must match the inputs.
+        first, second: (B, C, H, W) inputs (the same tensor for a Hessian); ``H, W`` must match ``geometry``.
         blocks: from :func:`plan_blocks`.
-        groups: conv groups; block g only pairs the channels of group g.
+        groups: conv groups; group g only pairs its own channels.
+    Returns:
+        (correlations keyed by offset, strip sums keyed by (y0, y1, x0, x1, du, dv)).
     """
     batch, channels, height, width = first.shape
     if (height, width) != (geometry.height, geometry.width) or second.shape != first.shape:
@@ -131,26 +133,44 @@ def accumulate_gram(sums: torch.Tensor, first: torch.Tensor, second: torch.Tenso
     image_a, image_b = first.permute(0, 2, 3, 1), second.permute(0, 2, 3, 1)  # (B, H, W, C) views
     row_length = width + geometry.separation[1]
     total = flat_a.shape[0]
-    for group in range(groups):
-        chans = slice(group * per_group, (group + 1) * per_group)
-        correlations: dict[tuple[int, int], torch.Tensor] = {}
-        strip_sums: dict[tuple, torch.Tensor] = {}
-        for block in blocks:
-            du, dv = block.offset
-            if block.offset not in correlations:
-                shift = du * row_length + dv  # the partner pixel's distance in the flat buffer
-                lo, hi = max(0, -shift), min(total, total - shift)
-                correlations[block.offset] = flat_a[lo:hi, chans].T @ flat_b[lo + shift:hi + shift, chans]  # (c, c)
-            gram = correlations[block.offset]
-            if block.strips:
-                gram = gram.clone()
-                for y0, y1, x0, x1 in block.strips:
-                    key = (y0, y1, x0, x1, du, dv)
-                    if key not in strip_sums:
-                        pixels_a = image_a[:, y0:y1, x0:x1, chans].reshape(-1, per_group)
-                        pixels_b = image_b[:, y0 + du:y1 + du, x0 + dv:x1 + dv, chans].reshape(-1, per_group)
-                        strip_sums[key] = pixels_a.T @ pixels_b
-                    gram -= strip_sums[key]
-            rows = slice(block.first * per_group, (block.first + 1) * per_group)
-            cols = slice(block.second * per_group, (block.second + 1) * per_group)
-            sums[group, rows, cols] += gram.to(sums.dtype)
+    correlations: dict[tuple[int, int], torch.Tensor] = {}
+    strip_sums: dict[tuple[int, ...], torch.Tensor] = {}
+    for block in blocks:
+        du, dv = block.offset
+        if block.offset not in correlations:
+            shift = du * row_length + dv  # the partner pixel's distance in the flat buffer
+            lo, hi = max(0, -shift), min(total, total - shift)
+            correlations[block.offset] = torch.stack([
+                flat_a[lo:hi, g * per_group:(g + 1) * per_group].T
+                @ flat_b[lo + shift:hi + shift, g * per_group:(g + 1) * per_group]
+                for g in range(groups)])  # (groups, c, c)
+        for y0, y1, x0, x1 in block.strips:
+            key = (y0, y1, x0, x1, du, dv)
+            if key not in strip_sums:
+                pixels_a = image_a[:, y0:y1, x0:x1].reshape(-1, groups, per_group).transpose(0, 1)  # (G, n, c)
+                pixels_b = image_b[:, y0 + du:y1 + du, x0 + dv:x1 + dv].reshape(-1, groups, per_group).transpose(0, 1)
+                strip_sums[key] = pixels_a.transpose(1, 2) @ pixels_b  # (groups, c, c)
+    return correlations, strip_sums
+
+
+def assemble(sums: torch.Tensor, correlations: dict, strip_sums: dict, blocks: list[GramBlock]) -> None:
+    """Add each block, its offset's correlation minus its strips, into ``sums`` (groups, K·c, K·c) in solve layout
+    (kernel position major, then channel)."""
+    per_group = next(iter(correlations.values())).shape[-1]
+    for block in blocks:
+        du, dv = block.offset
+        rows = slice(block.first * per_group, (block.first + 1) * per_group)
+        cols = slice(block.second * per_group, (block.second + 1) * per_group)
+        target = sums[:, rows, cols]
+        target += correlations[block.offset]
+        for strip in block.strips:
+            target -= strip_sums[(*strip, du, dv)]
+
+
+def accumulate_gram(sums: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: ConvGeometry,
+                    blocks: list[GramBlock], groups: int) -> None:
+    """Add ``Σ p₁ p₂ᵀ`` over all output pixels' patches p₁ of ``first`` and p₂ of ``second`` into the listed blocks
+    of ``sums`` (groups, K·c, K·c): :func:`correlate` then :func:`assemble`."""
+    correlations, strip_sums = correlate(first, second, geometry, blocks, groups)
+    assemble(sums, {k: v.to(sums.dtype) for k, v in correlations.items()},
+             {k: v.to(sums.dtype) for k, v in strip_sums.items()}, blocks)

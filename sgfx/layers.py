@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NMPattern, Pattern
-from .conv_gram import ConvGeometry, accumulate_gram, gram_flops, plan_blocks
+from .conv_gram import ConvGeometry, assemble, correlate, gram_flops, plan_blocks
 
 __all__ = ["PrunableLayer", "HessianAccumulator", "conv_column_permutation", "fetch_tensor"]
 
@@ -36,6 +36,8 @@ _CHUNK_ELEMENTS = 1 << 24
 # triangle of tiles is computed.
 _TILES = 6
 _MIN_TILE = 128
+# Shifted correlations run a few GEMMs per channel group: not worth it for (near-)depthwise convs.
+_MIN_SHIFT_CHANNELS = 8
 
 
 def _pair(value) -> tuple[int, int]:
@@ -244,6 +246,8 @@ class HessianAccumulator:
         self.samples = 0
         self.flops = 0  # multiply-add FLOPs of the Gram products so far (2 per MAC)
         self._routes: dict[tuple[int, ...], tuple] = {}  # input shape -> (geometry, blocks, cross blocks) or None
+        # shifted route: per (statistic, input shape), the running sums of its pieces, assembled at finalize
+        self._pieces: dict[tuple[str, tuple[int, ...]], tuple[dict, dict]] = {}
 
     def _add_rows(self, rows: torch.Tensor) -> None:
         """rows: (groups, n, cols) float32 input vectors. Only tiles on or above the diagonal are computed
@@ -305,7 +309,9 @@ class HessianAccumulator:
         key = tuple(x.shape)
         if key not in self._routes:
             self._routes[key] = None
-            geometry = None if self.diagonal_only or x.dim() != 4 else self.layer.patch_geometry(*x.shape[-2:])
+            geometry = None
+            if not self.diagonal_only and x.dim() == 4 and self.layer.in_per_group >= _MIN_SHIFT_CHANNELS:
+                geometry = self.layer.patch_geometry(*x.shape[-2:])
             if geometry is not None and min(geometry.output_size) > 0:
                 blocks = plan_blocks(geometry, symmetric=True)
                 cross_blocks = plan_blocks(geometry, symmetric=False) if self.cross else []
@@ -321,21 +327,41 @@ class HessianAccumulator:
         geometry, blocks, cross_blocks = route
         layer, groups = self.layer, self.layer.num_groups
         device = x.device if self.device is None else self.device
-        if self.sums is None:
-            self.sums = torch.zeros(groups, layer.columns, layer.columns, dtype=self.dtype, device=device)
-        if self.cross and self.cross_sums is None:
-            self.cross_sums = torch.zeros_like(self.sums)
         sep_h, sep_w = geometry.separation
         step = max(1, _CHUNK_ELEMENTS // ((x.shape[2] + sep_h) * (x.shape[3] + sep_w) * x.shape[1]))
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step].detach().to(device, torch.float32)
-            accumulate_gram(self.sums, chunk, chunk, geometry, blocks, groups)
+            self._stash(("hessian", tuple(x.shape)), correlate(chunk, chunk, geometry, blocks, groups))
             self.flops += gram_flops(geometry, blocks, chunk.shape[0], layer.in_per_group) * groups
             if self.cross:
                 dense_chunk = dense[start:start + step].detach().to(device, torch.float32)
-                accumulate_gram(self.cross_sums, dense_chunk, chunk, geometry, cross_blocks, groups)
+                self._stash(("cross", tuple(x.shape)), correlate(dense_chunk, chunk, geometry, cross_blocks, groups))
                 self.flops += gram_flops(geometry, cross_blocks, chunk.shape[0], layer.in_per_group) * groups
             self.samples += layer.input_vectors(chunk)
+
+    def _stash(self, key: tuple, pieces: tuple[dict, dict]) -> None:
+        """Add one chunk's correlations and strip sums to the running sums for ``key`` (in the Hessian dtype)."""
+        if key not in self._pieces:
+            self._pieces[key] = tuple({name: value.to(self.dtype) for name, value in part.items()} for part in pieces)
+            return
+        for total, part in zip(self._pieces[key], pieces):
+            for name, value in part.items():
+                total[name] += value
+
+    def _assemble_pieces(self) -> None:
+        """Turn the stashed pieces into Gram blocks of ``sums`` / ``cross_sums``."""
+        cols, groups = self.layer.columns, self.layer.num_groups
+        for (kind, shape), (correlations, strip_sums) in self._pieces.items():
+            _, blocks, cross_blocks = self._routes[shape]
+            if kind == "hessian":
+                if self.sums is None:
+                    self.sums = next(iter(correlations.values())).new_zeros(groups, cols, cols)
+                assemble(self.sums, correlations, strip_sums, blocks)
+            else:
+                if self.cross_sums is None:
+                    self.cross_sums = next(iter(correlations.values())).new_zeros(groups, cols, cols)
+                assemble(self.cross_sums, correlations, strip_sums, cross_blocks)
+        self._pieces.clear()
 
     def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Add one calibration batch of this layer's input (and, in cross mode, the dense model's input)."""
@@ -357,6 +383,7 @@ class HessianAccumulator:
 
     def finalize_cross(self) -> list[torch.Tensor]:
         """One (cols, cols) ``A = 2/n Σ x_dense x_prunedᵀ`` per group (call before ``finalize``)."""
+        self._assemble_pieces()
         if self.cross_sums is None:
             raise ValueError(f"{self.layer.name}: no cross statistics were accumulated")
         cross, self.cross_sums = self.cross_sums, None
@@ -364,6 +391,7 @@ class HessianAccumulator:
 
     def finalize(self) -> list[torch.Tensor]:
         """One (cols, cols) Hessian per group in solve column order (or its (cols,) diagonal)."""
+        self._assemble_pieces()
         if self.sums is None or self.samples == 0:
             raise ValueError(f"{self.layer.name}: no calibration input reached this layer")
         hessians, self.sums = self.sums, None
