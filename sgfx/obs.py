@@ -186,9 +186,12 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
     Returns:
         (compensated weights, scaled errors ``(w − q)/U_jj``, mask), each (rows, b).
 
-    Works on transposed copies so that a column is a contiguous vector. Column c's error needs only the errors of
-    the pruned columns before it in its group (kept columns have none), so each group takes one small GEMV per
-    column; groups update the rest of their panel of ``_PANEL`` columns eagerly and panels the rest of the block.
+    Inside a group of s columns (an N:M group, or ``_SUB_BLOCK`` columns when unstructured) the scaled errors solve
+    ``e = S ⊙ (w − e Ũ)``, with ``S = mask / U_jj`` and ``Ũ`` the strictly upper part of the group's block of U
+    (column j's error only sees the errors of the columns before it). ``Ũ`` is nilpotent, so
+    ``e = Σ_k (−1)^k T^k (S ⊙ w)`` with ``T(v) = S ⊙ (v Ũ)`` ends after s terms: s − 1 tiny GEMMs per group instead
+    of a loop over its columns. One GEMM then updates the group's own kept columns and the rest of its panel of
+    ``_PANEL`` columns, and one per panel the rest of the block. Works on transposed copies (columns contiguous).
     """
     columns = w_block.T.contiguous()  # (b, rows)
     pruned = mask.T.contiguous()  # (b, rows)
@@ -196,8 +199,9 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
     inverse_diag = hinv_block.diagonal().reciprocal().unsqueeze(1)  # (b, 1)
     width = columns.shape[0]
     step = pattern.m if isinstance(pattern, NMPattern) else _SUB_BLOCK
-    for panel in range(0, width, _PANEL):
-        panel_end = min(panel + _PANEL, width)
+    panel_width = step * max(1, _PANEL // step)  # whole groups per panel
+    for panel in range(0, width, panel_width):
+        panel_end = min(panel + panel_width, width)
         for sub in range(panel, panel_end, step):
             end = min(sub + step, panel_end)
             group, group_errors, group_pruned = columns[sub:end], errors[sub:end], pruned[sub:end]  # (s, rows)
@@ -205,12 +209,13 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
             if isinstance(pattern, NMPattern):  # lowest |w| / U_jj within the group, per row
                 drop = (group * scale).abs_().topk(pattern.n_pruned, dim=0, largest=False).indices
                 group_pruned.scatter_(0, drop, True)
-            torch.mul(group, group_pruned, out=group_errors).mul_(scale)  # exact for the group's first column
-            for col in range(1, end - sub):
-                group[col].sub_(hinv_block[sub:sub + col, sub + col] @ group_errors[:col])
-                torch.mul(group[col], group_pruned[col], out=group_errors[col]).mul_(scale[col])
-            if end < panel_end:
-                columns[end:panel_end].addmm_(hinv_block[sub:end, end:panel_end].T, group_errors, alpha=-1)
+            factor = group_pruned * scale  # (s, rows) S
+            coupling = hinv_block[sub:end, sub:end].triu(1).T  # (s, s) Ũᵀ
+            term = torch.mul(group, factor, out=group_errors).clone()  # S ⊙ w
+            for power in range(1, end - sub):
+                term = (coupling @ term).mul_(factor)
+                group_errors.add_(term, alpha=-1.0 if power % 2 else 1.0)
+            columns[sub:panel_end].addmm_(hinv_block[sub:end, sub:panel_end].T, group_errors, alpha=-1)
         if panel_end < width:
             columns[panel_end:].addmm_(hinv_block[panel:panel_end, panel_end:].T, errors[panel:panel_end], alpha=-1)
     return columns.T, errors.T, pruned.T
