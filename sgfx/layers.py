@@ -207,9 +207,26 @@ class PrunableLayer:
         out_h, out_w = self._output_size(x.shape[-2] + top + bottom, x.shape[-1] + left + right)
         return x.shape[0] * out_h * out_w
 
-    def hessian_accumulator(self, device: torch.device | None = None, diagonal_only: bool = False,
-                            cross: bool = False) -> "HessianAccumulator":
-        return HessianAccumulator(self, device, diagonal_only, cross)
+    def hessian_accumulator(self, device: torch.device | None = None,
+                            diagonal_only: bool = False) -> "HessianAccumulator":
+        return HessianAccumulator(self, device, diagonal_only)
+
+    def output_input_product(self, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+        """``Σ g pᵀ`` over the input vectors p of ``x`` and the matching output vectors g of ``grad`` (shaped like the
+        layer's output): the layer's weight gradient, one (rows/groups, cols) matrix per group in solve order.
+
+        For a conv it is PyTorch's conv weight-gradient kernel (no unfolding); for a Linear one GEMM.
+        """
+        if self.op == "Linear":
+            return [grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])]
+        product = torch.nn.grad.conv2d_weight(self._pad(x), self.weight.shape, grad, self.stride, 0, self.dilation,
+                                              self.groups)  # (C_out, C/groups, kh, kw)
+        flat = product.reshape(product.shape[0], -1)
+        perm = self._permutation()
+        if perm is not None:
+            flat = flat[:, perm.to(flat.device)]
+        rows = flat.shape[0] // self.num_groups
+        return [flat[g * rows:(g + 1) * rows] for g in range(self.num_groups)]
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer's linear map (no bias) with another weight: used to measure reconstruction error."""
@@ -232,22 +249,19 @@ def _tile_flops(n: int, cols: int) -> int:
 class HessianAccumulator:
     """Streams calibration inputs of one layer into ``H = 2/n Σ x xᵀ`` (one Hessian per conv group)."""
 
-    def __init__(self, layer: PrunableLayer, device: torch.device | None = None, diagonal_only: bool = False,
-                 cross: bool = False):
+    def __init__(self, layer: PrunableLayer, device: torch.device | None = None, diagonal_only: bool = False):
         self.layer = layer
         self.device = device
         self.diagonal_only = diagonal_only  # only diag(H) = 2/n Σ x_j² (what Wanda needs)
-        self.cross = cross  # also A = 2/n Σ x_dense x_prunedᵀ (dense-target solve); add() then needs both inputs
-        self.cross_sums: torch.Tensor | None = None
         cols = layer.columns
         # Very wide layers (VGG's 25088-wide classifier) accumulate in float32 to halve a multi-GB buffer.
         self.dtype = torch.float64 if cols <= 16384 else torch.float32
         self.sums: torch.Tensor | None = None  # (groups, cols, cols) in solve order, allocated lazily
         self.samples = 0
         self.flops = 0  # multiply-add FLOPs of the Gram products so far (2 per MAC)
-        self._routes: dict[tuple[int, ...], tuple] = {}  # input shape -> (geometry, blocks, cross blocks) or None
-        # shifted route: per (statistic, input shape), the running sums of its pieces, assembled at finalize
-        self._pieces: dict[tuple[str, tuple[int, ...]], tuple[dict, dict]] = {}
+        self._routes: dict[tuple[int, ...], tuple] = {}  # input shape -> (geometry, blocks) or None
+        # shifted route: per input shape, the running sums of its pieces, assembled at finalize
+        self._pieces: dict[tuple[int, ...], tuple[dict, dict]] = {}
 
     def _add_rows(self, rows: torch.Tensor) -> None:
         """rows: (groups, n, cols) float32 input vectors. Only tiles on or above the diagonal are computed
@@ -266,14 +280,6 @@ class HessianAccumulator:
             product = torch.bmm(left, rows[:, :, i:])  # (groups, t, cols - i)
             self.sums[:, i:i + tile, i:] += product.to(self.dtype)
         self.flops += _tile_flops(n, cols) * groups
-
-    def _add_cross(self, rows: torch.Tensor, dense_rows: torch.Tensor) -> None:
-        """rows, dense_rows: (groups, n, cols) pruned- and dense-model inputs of the same samples."""
-        product = torch.bmm(dense_rows.transpose(1, 2), rows)  # (groups, cols, cols)
-        self.flops += 2 * rows.numel() * rows.shape[-1]
-        if self.cross_sums is None:
-            self.cross_sums = torch.zeros_like(product, dtype=self.dtype)
-        self.cross_sums += product.to(self.dtype)
 
     def _rows(self, x: torch.Tensor):
         """Yield the input vectors of one batch as (groups, n, cols) float32 chunks, on the accumulator's device."""
@@ -305,7 +311,7 @@ class HessianAccumulator:
             yield layer.patches(x[start:start + step])  # (groups, n, cols)
 
     def _shift_route(self, x: torch.Tensor) -> tuple | None:
-        """(geometry, blocks, cross blocks) when shifted correlations beat unfolding for inputs shaped like x."""
+        """(geometry, blocks) when shifted correlations need fewer FLOPs than unfolding for inputs shaped like x."""
         key = tuple(x.shape)
         if key not in self._routes:
             self._routes[key] = None
@@ -314,29 +320,21 @@ class HessianAccumulator:
                 geometry = self.layer.patch_geometry(*x.shape[-2:])
             if geometry is not None and min(geometry.output_size) > 0:
                 blocks = plan_blocks(geometry, symmetric=True)
-                cross_blocks = plan_blocks(geometry, symmetric=False) if self.cross else []
-                per_group = self.layer.in_per_group
-                shifted = gram_flops(geometry, blocks, 1, per_group) + gram_flops(geometry, cross_blocks, 1, per_group)
-                n, cols = self.layer.input_vectors(x[:1]), self.layer.columns
-                unfolded = _tile_flops(n, cols) + (2 * n * cols * cols if self.cross else 0)
-                if shifted < unfolded:
-                    self._routes[key] = (geometry, blocks, cross_blocks)
+                shifted = gram_flops(geometry, blocks, 1, self.layer.in_per_group)
+                if shifted < _tile_flops(self.layer.input_vectors(x[:1]), self.layer.columns):
+                    self._routes[key] = (geometry, blocks)
         return self._routes[key]
 
-    def _add_shifted(self, x: torch.Tensor, dense: torch.Tensor | None, route: tuple) -> None:
-        geometry, blocks, cross_blocks = route
+    def _add_shifted(self, x: torch.Tensor, route: tuple) -> None:
+        geometry, blocks = route
         layer, groups = self.layer, self.layer.num_groups
         device = x.device if self.device is None else self.device
         sep_h, sep_w = geometry.separation
         step = max(1, _CHUNK_ELEMENTS // ((x.shape[2] + sep_h) * (x.shape[3] + sep_w) * x.shape[1]))
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step].detach().to(device, torch.float32)
-            self._stash(("hessian", tuple(x.shape)), correlate(chunk, chunk, geometry, blocks, groups))
+            self._stash(tuple(x.shape), correlate(chunk, chunk, geometry, blocks, groups))
             self.flops += gram_flops(geometry, blocks, chunk.shape[0], layer.in_per_group) * groups
-            if self.cross:
-                dense_chunk = dense[start:start + step].detach().to(device, torch.float32)
-                self._stash(("cross", tuple(x.shape)), correlate(dense_chunk, chunk, geometry, cross_blocks, groups))
-                self.flops += gram_flops(geometry, cross_blocks, chunk.shape[0], layer.in_per_group) * groups
             self.samples += layer.input_vectors(chunk)
 
     def _stash(self, key: tuple, pieces: tuple[dict, dict]) -> None:
@@ -349,45 +347,24 @@ class HessianAccumulator:
                 total[name] += value
 
     def _assemble_pieces(self) -> None:
-        """Turn the stashed pieces into Gram blocks of ``sums`` / ``cross_sums``."""
+        """Turn the stashed pieces into the Gram blocks of ``sums``."""
         cols, groups = self.layer.columns, self.layer.num_groups
-        for (kind, shape), (correlations, strip_sums) in self._pieces.items():
-            _, blocks, cross_blocks = self._routes[shape]
-            if kind == "hessian":
-                if self.sums is None:
-                    self.sums = next(iter(correlations.values())).new_zeros(groups, cols, cols)
-                assemble(self.sums, correlations, strip_sums, blocks)
-            else:
-                if self.cross_sums is None:
-                    self.cross_sums = next(iter(correlations.values())).new_zeros(groups, cols, cols)
-                assemble(self.cross_sums, correlations, strip_sums, cross_blocks)
+        for shape, (correlations, strip_sums) in self._pieces.items():
+            if self.sums is None:
+                self.sums = next(iter(correlations.values())).new_zeros(groups, cols, cols)
+            assemble(self.sums, correlations, strip_sums, self._routes[shape][1])
         self._pieces.clear()
 
-    def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
-        """Add one calibration batch of this layer's input (and, in cross mode, the dense model's input)."""
-        if self.cross and (dense is None or dense.shape != x.shape):
-            raise ValueError(f"{self.layer.name}: the dense-target solve needs the dense input of each batch")
+    def add(self, x: torch.Tensor) -> None:
+        """Add one calibration batch of this layer's input."""
         if self.layer.op == "Conv2d":
             self._check_conv_input(x)
             route = self._shift_route(x)
             if route is not None:
-                self._add_shifted(x, dense, route)
+                self._add_shifted(x, route)
                 return
-        if self.cross:
-            for rows, dense_rows in zip(self._rows(x), self._rows(dense)):
-                self._add_rows(rows)
-                self._add_cross(rows, dense_rows)
-            return
         for rows in self._rows(x):
             self._add_rows(rows)
-
-    def finalize_cross(self) -> list[torch.Tensor]:
-        """One (cols, cols) ``A = 2/n Σ x_dense x_prunedᵀ`` per group (call before ``finalize``)."""
-        self._assemble_pieces()
-        if self.cross_sums is None:
-            raise ValueError(f"{self.layer.name}: no cross statistics were accumulated")
-        cross, self.cross_sums = self.cross_sums, None
-        return list((cross * (2.0 / self.samples)).unbind(0))
 
     def finalize(self) -> list[torch.Tensor]:
         """One (cols, cols) Hessian per group in solve column order (or its (cols,) diagonal)."""

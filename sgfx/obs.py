@@ -136,7 +136,7 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Te
     return torch.linalg.solve_triangular(factor, eye, upper=True)
 
 
-def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, percdamp: float = 0.01,
+def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, shift: torch.Tensor, percdamp: float = 0.01,
                         max_damping_retries: int = 6, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``W* = W + W (A − H)(H + λI)⁻¹``: the weight that best maps the pruned model's inputs to the dense model's
     outputs, regularised towards ``W``.
@@ -148,16 +148,17 @@ def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
     damping (``percdamp · mean diag H``).
 
     Args:
-        weight: (rows, cols); hessian: (cols, cols); cross: (cols, cols) ``A``, all in solve column order.
+        weight: (rows, cols); hessian: (cols, cols), in solve column order.
+        shift: (rows, cols) ``W (A − H) = 2/n Σ (W (x_dense − x_pruned)) x_prunedᵀ``: the layer's weight gradient
+            for the output difference, which sgfx computes without forming the (cols, cols) ``A``.
     """
     hess = hessian.to(dtype=dtype, copy=True)
     _mark_dead_columns_(hess)
     lower, _, _ = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)  # J(H + λI)J = L Lᵀ
     del hess
     w = weight.to(dtype)
-    shift = w @ (cross.to(dtype) - hessian.to(dtype))  # (rows, cols) W (A − H)
     # (H + λI) X = shiftᵀ  <=>  L Lᵀ (J X) = J shiftᵀ
-    solved = torch.cholesky_solve(shift.T.flip(0).contiguous(), lower).flip(0)  # (cols, rows)
+    solved = torch.cholesky_solve(shift.to(dtype).T.flip(0).contiguous(), lower).flip(0)  # (cols, rows)
     return w + solved.T  # (rows, cols)
 
 

@@ -16,10 +16,10 @@ def test_dense_target_weight_is_the_least_squares_map(gen):
     weight = torch.randn(8, 24, generator=gen, dtype=torch.float64)
     hessian = 2 / 400 * x_pruned.T @ x_pruned
     cross = 2 / 400 * x_dense.T @ x_pruned
-    got = dense_target_weight(weight, hessian, cross, percdamp=0.0, dtype=torch.float64)
+    got = dense_target_weight(weight, hessian, weight @ (cross - hessian), percdamp=0.0, dtype=torch.float64)
     expected = torch.linalg.lstsq(x_pruned, x_dense @ weight.T).solution.T  # argmin ‖X_p Wᵀ − X_d Wᵀ‖
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
-    same = dense_target_weight(weight, hessian, hessian, percdamp=0.0, dtype=torch.float64)
+    same = dense_target_weight(weight, hessian, torch.zeros_like(weight), percdamp=0.0, dtype=torch.float64)
     torch.testing.assert_close(same, weight, rtol=1e-8, atol=1e-8)  # identical inputs: W itself
 
 
@@ -59,8 +59,9 @@ def test_dense_target_weight_raises_damping_like_the_solve(gen):
     hessian = torch.eye(8, dtype=torch.float64)
     hessian[0, 0] = -3.0
     with pytest.raises(sgfx.FactorizationError):
-        dense_target_weight(weight, hessian, hessian, percdamp=0.01, max_damping_retries=0, dtype=torch.float64)
-    got = dense_target_weight(weight, hessian, hessian, percdamp=0.01, dtype=torch.float64)
+        dense_target_weight(weight, hessian, torch.zeros_like(weight), percdamp=0.01, max_damping_retries=0,
+                            dtype=torch.float64)
+    got = dense_target_weight(weight, hessian, torch.zeros_like(weight), percdamp=0.01, dtype=torch.float64)
     torch.testing.assert_close(got, weight, rtol=1e-9, atol=1e-9)  # A = H: W itself, whatever the damping
 
 
@@ -91,3 +92,33 @@ def test_dense_targets_only_where_samples_cover_the_columns(gen):
     gm_fc = sgfx.sparsify(model, calib, "2:4", dense_targets=True, skip=["conv2"])
     plain_fc = sgfx.sparsify(model, calib, "2:4", skip=["conv2"])
     assert torch.equal(gm_fc.fc1.weight, plain_fc.fc1.weight)
+
+
+@pytest.mark.parametrize("module", [
+    torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.Conv2d(8, 6, 3, stride=2),
+    torch.nn.Conv2d(8, 4, (3, 5), padding=(1, 2), dilation=(2, 1)), torch.nn.Conv2d(8, 6, 1),
+    torch.nn.Conv2d(8, 6, 3, padding="same", padding_mode="reflect"), torch.nn.Conv2d(8, 6, 3, groups=2, stride=(2, 1)),
+    torch.nn.Linear(8, 5),
+], ids=str)
+def test_dense_target_shift_equals_weight_times_cross_minus_hessian(gen, module):
+    """The shift sgfx computes by a forward and a weight-gradient pass equals W (A − H) from the unfolded inputs."""
+    from sgfx.api import _dense_target_shifts
+    from sgfx.layers import PrunableLayer
+
+    layer = PrunableLayer.from_module("m", module.double())
+    shape = (3, 5, 8) if isinstance(module, torch.nn.Linear) else (3, 8, 11, 9)
+    inputs = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2)]
+    dense = [x + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64) for x in inputs]
+    got = _dense_target_shifts(layer, inputs, dense, None)
+
+    def vectors(xs):  # (groups, n, cols) in solve order
+        if layer.op == "Linear":
+            return torch.cat([x.reshape(-1, 8) for x in xs]).unsqueeze(0)
+        return torch.cat([layer.patches(x) for x in xs], dim=1)
+
+    pruned_rows, dense_rows = vectors(inputs), vectors(dense)
+    n = pruned_rows.shape[1]
+    for group, (w, shift) in enumerate(zip(layer.solve_matrices(), got)):
+        x_p, x_d = pruned_rows[group], dense_rows[group]
+        expected = w @ (2 / n * x_d.T @ x_p - 2 / n * x_p.T @ x_p)
+        torch.testing.assert_close(shift.double(), expected, rtol=1e-5, atol=1e-6)
