@@ -158,8 +158,8 @@ class _LayerPruner:
         accumulator = layer.hessian_accumulator(device, diagonal_only)
         for x in inputs:
             accumulator.add(x)
-        record.samples, record.hessian_flops = accumulator.samples, accumulator.flops
         statistics = accumulator.finalize()
+        record.samples, record.hessian_flops = accumulator.samples, accumulator.flops
         shifts = None
         if dense_inputs is not None:
             shifts = _dense_target_shifts(layer, inputs, dense_inputs, device)

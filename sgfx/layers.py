@@ -262,12 +262,26 @@ class HessianAccumulator:
         self._routes: dict[tuple[int, ...], tuple] = {}  # input shape -> (geometry, blocks) or None
         # shifted route: per input shape, the running sums of its pieces, assembled at finalize
         self._pieces: dict[tuple[int, ...], tuple[dict, dict]] = {}
+        self._pending_rows: list[torch.Tensor] = []  # unfolded route: chunks waiting for one product
+
+    def _buffer_rows(self, rows: torch.Tensor) -> None:
+        """Collect small chunks (a Linear layer sees one vector per image) into products of about
+        ``_CHUNK_ELEMENTS`` inputs: one pass over a wide Hessian per chunk, not per calibration batch."""
+        self.samples += rows.shape[1]
+        self._pending_rows.append(rows)
+        if sum(r.numel() for r in self._pending_rows) >= _CHUNK_ELEMENTS:
+            self._flush_rows()
+
+    def _flush_rows(self) -> None:
+        if self._pending_rows:
+            rows = torch.cat(self._pending_rows, dim=1) if len(self._pending_rows) > 1 else self._pending_rows[0]
+            self._pending_rows.clear()
+            self._add_rows(rows)
 
     def _add_rows(self, rows: torch.Tensor) -> None:
         """rows: (groups, n, cols) float32 input vectors. Only tiles on or above the diagonal are computed
         (XᵀX is symmetric): about 60 % of the full product's flops; ``finalize`` mirrors them."""
         groups, n, cols = rows.shape
-        self.samples += n
         if self.diagonal_only:
             if self.sums is None:
                 self.sums = torch.zeros(groups, cols, dtype=torch.float64, device=rows.device)
@@ -277,8 +291,10 @@ class HessianAccumulator:
             self.sums = torch.zeros(groups, cols, cols, dtype=self.dtype, device=rows.device)
         for i, tile in _upper_tiles(cols):
             left = rows[:, :, i:i + tile].transpose(1, 2)  # (groups, t, n)
-            product = torch.bmm(left, rows[:, :, i:])  # (groups, t, cols - i)
-            self.sums[:, i:i + tile, i:] += product.to(self.dtype)
+            if self.sums.dtype == rows.dtype:  # accumulate in place: no (t, cols) temporary
+                self.sums[:, i:i + tile, i:].baddbmm_(left, rows[:, :, i:])
+            else:
+                self.sums[:, i:i + tile, i:] += torch.bmm(left, rows[:, :, i:]).to(self.dtype)  # (groups, t, cols-i)
         self.flops += _tile_flops(n, cols) * groups
 
     def _rows(self, x: torch.Tensor):
@@ -364,11 +380,12 @@ class HessianAccumulator:
                 self._add_shifted(x, route)
                 return
         for rows in self._rows(x):
-            self._add_rows(rows)
+            self._buffer_rows(rows)
 
     def finalize(self) -> list[torch.Tensor]:
         """One (cols, cols) Hessian per group in solve column order (or its (cols,) diagonal)."""
         self._assemble_pieces()
+        self._flush_rows()
         if self.sums is None or self.samples == 0:
             raise ValueError(f"{self.layer.name}: no calibration input reached this layer")
         hessians, self.sums = self.sums, None
