@@ -84,6 +84,21 @@ def test_streaming_linear_hessian_equals_one_shot(gen, monkeypatch, min_tile, ti
     assert acc.samples == 22
 
 
+@pytest.mark.parametrize("float64_max", [16384, 8], ids=["float64-sums", "float32-sums"])
+def test_one_vector_batches_are_collected_into_one_product(gen, monkeypatch, float64_max):
+    """A Linear layer fed one vector per batch: the buffered products give the one-shot Hessian and sample count."""
+    monkeypatch.setattr(layers, "_FLOAT64_MAX_COLUMNS", float64_max)
+    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 16 * 5)  # a product every 5 vectors, 2 left pending at the end
+    acc = PrunableLayer.from_module("fc", nn.Linear(16, 4)).hessian_accumulator()
+    inputs = [torch.randn(1, 16, generator=gen) for _ in range(12)]
+    for x in inputs:
+        acc.add(x)
+    (got,) = acc.finalize()
+    rows = torch.cat(inputs).double()
+    assert acc.samples == 12 and acc.dtype == (torch.float64 if float64_max > 16 else torch.float32)
+    torch.testing.assert_close(got.double(), 2.0 / 12 * rows.T @ rows, rtol=1e-5, atol=1e-6)
+
+
 def test_solve_groups_fall_along_input_channels(gen):
     conv = nn.Conv2d(8, 4, 3, padding=1, bias=False)
     layer = PrunableLayer.from_module("conv", conv)
