@@ -10,8 +10,12 @@ of two shifted views of a channels-last copy of the input in which each row and 
 zeros that a shift never pairs pixels across a row or image border. Each block then subtracts the thin strips of
 border pixels its own rectangle leaves out. The result equals the im2col product exactly (up to float32 summation
 order) for about ``|offsets|`` instead of ``(K·C)²/C²`` multiply-adds per pixel and channel pair: 13 instead of
-~41 (the upper triangle) for a 3×3 Hessian, 25 instead of 81 for a 3×3 cross-covariance, with no im2col copy.
-It pays off when the feature map is large against the kernel; :func:`gram_flops` lets the caller compare.
+~41 (the upper triangle) for a 3×3 Hessian, with no im2col copy. It pays off when the feature map is large against
+the kernel; :func:`gram_flops` lets the caller compare. sgfx builds its conv Hessians this way (``symmetric=True``);
+the general two-input form is kept for cross-products of different inputs.
+
+Measured here (2 cores, 256 images, C_in = C_out): 3x3 convs at 32x32/16x16/8x8/4x4 with 64/128/256/512 channels
+took 0.19/0.16/0.18/0.31 s against 0.49/0.38/0.34/0.40 s unfolded.
 """
 
 from __future__ import annotations
