@@ -150,7 +150,7 @@ def peak_rss_gb() -> float:
 
 
 # The FLOP bound counts the Hessians and the OBS solve: time that work alone unless --default-config is given
-# (the default adds channel permutation, the dense model in lockstep and dense-target cross-covariances).
+# (the default adds channel permutation, the dense model in lockstep and dense-target products).
 SOLVER_ONLY = dict(dense_targets=False, permute_channels=False, stats_correction=False)
 
 

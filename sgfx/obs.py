@@ -190,8 +190,9 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
     Inside a group of s columns (an N:M group, or ``_SUB_BLOCK`` columns when unstructured) the scaled errors solve
     ``e = S ⊙ (w − e Ũ)``, with ``S = mask / U_jj`` and ``Ũ`` the strictly upper part of the group's block of U
     (column j's error only sees the errors of the columns before it). ``Ũ`` is nilpotent, so
-    ``e = Σ_k (−1)^k T^k (S ⊙ w)`` with ``T(v) = S ⊙ (v Ũ)`` ends after s terms: s − 1 tiny GEMMs per group instead
-    of a loop over its columns. One GEMM then updates the group's own kept columns and the rest of its panel of
+    ``e = Σ_k (−1)^k T^k (S ⊙ w)`` with ``T(v) = S ⊙ (v Ũ)`` is finite. Term k follows chains of k + 1 pruned
+    columns, so it stops after as many terms as a row prunes in the group (2 for 2:4): a tiny GEMM per term instead of
+    a loop over the columns. One GEMM then updates the group's own kept columns and the rest of its panel of
     ``_PANEL`` columns, and one per panel the rest of the block. Works on transposed copies (columns contiguous).
     """
     columns = w_block.T.contiguous()  # (b, rows)
@@ -201,6 +202,7 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
     width = columns.shape[0]
     step = pattern.m if isinstance(pattern, NMPattern) else _SUB_BLOCK
     panel_width = step * max(1, _PANEL // step)  # whole groups per panel
+    terms = pattern.n_pruned if isinstance(pattern, NMPattern) else step  # pruned columns per row and group
     for panel in range(0, width, panel_width):
         panel_end = min(panel + panel_width, width)
         for sub in range(panel, panel_end, step):
@@ -213,7 +215,7 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
             factor = group_pruned * scale  # (s, rows) S
             coupling = hinv_block[sub:end, sub:end].triu(1).T  # (s, s) Ũᵀ
             term = torch.mul(group, factor, out=group_errors).clone()  # S ⊙ w
-            for power in range(1, end - sub):
+            for power in range(1, min(end - sub, terms)):
                 term = (coupling @ term).mul_(factor)
                 group_errors.add_(term, alpha=-1.0 if power % 2 else 1.0)
             columns[sub:panel_end].addmm_(hinv_block[sub:end, sub:panel_end].T, group_errors, alpha=-1)

@@ -28,7 +28,7 @@ class LayerRecord:
     rel_error: float | None = None  # ‖WX − ŴX‖² / ‖WX‖² over the calibration inputs (bias excluded)
     samples: int = 0  # input vectors the Hessian was built from
     hessian_s: float = 0.0  # building the Hessian from the calibration inputs
-    hessian_flops: int = 0  # multiply-add FLOPs its Gram products executed (cross-covariance included)
+    hessian_flops: int = 0  # multiply-add FLOPs its Gram products executed (dense-target products included)
     factor_s: float = 0.0  # factorising it (part of solve_s)
     solve_s: float = 0.0  # the OBS solve, factorisation included, and the write-back
     damping: float | None = None
