@@ -100,3 +100,20 @@ def test_blocked_cholesky_equals_lapack(size, gen, monkeypatch):
     indefinite[size - 9, size - 9] = -1.0  # first failing leading minor lies in a later panel
     expected = int(torch.linalg.cholesky_ex(indefinite).info)
     assert expected == size - 8 and obs._cholesky_lower_(indefinite) == expected
+
+
+def test_batches_of_different_sizes_mix_routes(gen):
+    """A 12x12 map takes the shifted route, a 1x1 map the unfolded one: together they give the one-shot Hessian."""
+    conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    layer = PrunableLayer.from_module("conv", conv)
+    inputs = [torch.randn(2, 16, 12, 12, generator=gen), torch.randn(3, 16, 1, 1, generator=gen),
+              torch.randn(2, 16, 12, 12, generator=gen)]
+    acc = layer.hessian_accumulator()
+    routes = [acc._shift_route(x) is not None for x in inputs]
+    assert routes == [True, False, True]
+    for x in inputs:
+        acc.add(x)
+    (got,) = acc.finalize()
+    rows = torch.cat([_unfolded(x, layer)[0] for x in inputs]).double()  # (n, cols)
+    torch.testing.assert_close(got, 2.0 / rows.shape[0] * rows.T @ rows, rtol=1e-5, atol=1e-5)
+    assert acc.samples == rows.shape[0]
