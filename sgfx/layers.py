@@ -268,6 +268,9 @@ class HessianAccumulator:
         """Collect small chunks (a Linear layer sees one vector per image) into products of about
         ``_CHUNK_ELEMENTS`` inputs: one pass over a wide Hessian per chunk, not per calibration batch."""
         self.samples += rows.shape[1]
+        if 2 * rows.numel() >= _CHUNK_ELEMENTS:  # big enough on its own (unfolded conv inputs): no concatenation
+            self._add_rows(rows)
+            return
         self._pending_rows.append(rows)
         if sum(r.numel() for r in self._pending_rows) >= _CHUNK_ELEMENTS:
             self._flush_rows()
