@@ -259,8 +259,8 @@ class HessianAccumulator:
         self.sums: torch.Tensor | None = None  # (groups, cols, cols) in solve order, allocated lazily
         self.samples = 0
         self.flops = 0  # multiply-add FLOPs of the Gram products so far (2 per MAC)
-        self._routes: dict[tuple[int, ...], tuple] = {}  # input shape -> (geometry, blocks) or None
-        # shifted route: per input shape, the running sums of its pieces, assembled at finalize
+        self._routes: dict[tuple[int, ...], tuple] = {}  # per-image input shape -> (geometry, blocks) or None
+        # shifted route: per per-image input shape, the running sums of its pieces, assembled at finalize
         self._pieces: dict[tuple[int, ...], tuple[dict, dict]] = {}
         self._pending_rows: list[torch.Tensor] = []  # unfolded route: chunks waiting for one product
 
@@ -330,8 +330,8 @@ class HessianAccumulator:
             yield layer.patches(x[start:start + step])  # (groups, n, cols)
 
     def _shift_route(self, x: torch.Tensor) -> tuple | None:
-        """(geometry, blocks) when shifted correlations need fewer FLOPs than unfolding for inputs shaped like x."""
-        key = tuple(x.shape)
+        """(geometry, blocks) when shifted correlations need fewer FLOPs than unfolding for images shaped like x's."""
+        key = tuple(x.shape[1:])
         if key not in self._routes:
             self._routes[key] = None
             geometry = None
@@ -352,7 +352,7 @@ class HessianAccumulator:
         step = max(1, _CHUNK_ELEMENTS // ((x.shape[2] + sep_h) * (x.shape[3] + sep_w) * x.shape[1]))
         for start in range(0, x.shape[0], step):
             chunk = x[start:start + step].detach().to(device, torch.float32)
-            self._stash(tuple(x.shape), correlate(chunk, chunk, geometry, blocks, groups))
+            self._stash(tuple(x.shape[1:]), correlate(chunk, chunk, geometry, blocks, groups))
             self.flops += gram_flops(geometry, blocks, chunk.shape[0], layer.in_per_group) * groups
             self.samples += layer.input_vectors(chunk)
 
