@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConvGeometry", "GramBlock", "plan_blocks", "gram_flops", "correlate", "assemble", "accumulate_gram"]
+__all__ = ["ConvGeometry", "GramBlock", "plan_blocks", "gram_flops", "correlate", "assemble"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def plan_blocks(geometry: ConvGeometry, symmetric: bool) -> list[GramBlock]:
 
 
 def gram_flops(geometry: ConvGeometry, blocks: list[GramBlock], batch: int, channels: int) -> int:
-    """Multiply-add FLOPs (2 per MAC) that :func:`accumulate_gram` spends on one batch per channel group."""
+    """Multiply-add FLOPs (2 per MAC) that :func:`correlate` spends on one batch per channel group."""
     sep_h, sep_w = geometry.separation
     flat = batch * (geometry.height + sep_h) * (geometry.width + sep_w)
     offsets = {block.offset for block in blocks}
@@ -169,12 +169,3 @@ def assemble(sums: torch.Tensor, correlations: dict, strip_sums: dict, blocks: l
         target += correlations[block.offset]
         for strip in block.strips:
             target -= strip_sums[(*strip, du, dv)]
-
-
-def accumulate_gram(sums: torch.Tensor, first: torch.Tensor, second: torch.Tensor, geometry: ConvGeometry,
-                    blocks: list[GramBlock], groups: int) -> None:
-    """Add ``Σ p₁ p₂ᵀ`` over all output pixels' patches p₁ of ``first`` and p₂ of ``second`` into the listed blocks
-    of ``sums`` (groups, K·c, K·c): :func:`correlate` then :func:`assemble`."""
-    correlations, strip_sums = correlate(first, second, geometry, blocks, groups)
-    assemble(sums, {k: v.to(sums.dtype) for k, v in correlations.items()},
-             {k: v.to(sums.dtype) for k, v in strip_sums.items()}, blocks)

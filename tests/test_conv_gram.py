@@ -7,7 +7,7 @@ from torch import nn
 
 import sgfx.layers as layers
 import sgfx.obs as obs
-from sgfx.conv_gram import accumulate_gram, plan_blocks
+from sgfx.conv_gram import assemble, correlate, plan_blocks
 from sgfx.layers import PrunableLayer
 
 # (kernel, padding, dilation, groups, input H x W): same, valid, asymmetric "same" (even kernel), dilated,
@@ -49,7 +49,8 @@ def test_shifted_gram_equals_unfolded_product(kernel, padding, dilation, groups,
     second = first if symmetric else torch.randn(3, 8, *size, generator=gen, dtype=torch.float64)
     geometry = layer.patch_geometry(*size)
     sums = torch.zeros(groups, layer.columns, layer.columns, dtype=torch.float64)
-    accumulate_gram(sums, first, second, geometry, plan_blocks(geometry, symmetric), groups)
+    blocks = plan_blocks(geometry, symmetric)
+    assemble(sums, *correlate(first, second, geometry, blocks, groups), blocks)
     expected = _unfolded(first, layer).transpose(1, 2) @ _unfolded(second, layer)  # (groups, cols, cols)
     if symmetric:  # only the blocks on and above the diagonal are written
         keep = _upper_block_mask(layer.columns, layer.in_per_group)
