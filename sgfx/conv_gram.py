@@ -101,7 +101,8 @@ def gram_flops(geometry: ConvGeometry, blocks: list[GramBlock], batch: int, chan
     sep_h, sep_w = geometry.separation
     flat = batch * (geometry.height + sep_h) * (geometry.width + sep_w)
     offsets = {block.offset for block in blocks}
-    strip_pixels = sum(batch * (y1 - y0) * (x1 - x0) for block in blocks for y0, y1, x0, x1 in set(block.strips))
+    strips = {(*strip, *block.offset) for block in blocks for strip in block.strips}  # each computed once
+    strip_pixels = sum(batch * (y1 - y0) * (x1 - x0) for y0, y1, x0, x1, _, _ in strips)
     return 2 * channels * channels * (len(offsets) * flat + strip_pixels)
 
 
