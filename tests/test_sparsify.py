@@ -352,3 +352,14 @@ def test_hflip_augmentation_doubles_calibration(gen):
         sgfx.sparsify(nn.Linear(8, 4), torch.randn(3, 8), "2:4", augment="hflip")
     with pytest.raises(ValueError, match="unknown augment"):
         sgfx.sparsify(TwoLayer(), calib, "2:4", augment="rotate")
+
+
+def test_explicit_cpu_device_gives_the_same_weights(gen):
+    """``device="cpu"`` moves every statistic and solve through the device paths; the result must not change."""
+    model = TwoLayer().eval()
+    calib = [torch.randn(8, 8, 10, 10, generator=gen) for _ in range(2)]
+    default = sgfx.sparsify(model, calib, "2:4")
+    explicit = sgfx.sparsify(model, calib, "2:4", device="cpu")
+    assert sgfx.get_report(explicit).layers[0].dense_targets or sgfx.get_report(explicit).layers[1].dense_targets
+    for (name, expected), (_, got) in zip(default.state_dict().items(), explicit.state_dict().items()):
+        assert torch.equal(got, expected), name
