@@ -124,21 +124,21 @@ def _relative_error_from_hessians(dense: list[torch.Tensor], pruned: list[torch.
 
 
 def _dense_target_shifts(layer: PrunableLayer, inputs: list[torch.Tensor], dense_inputs: list[torch.Tensor],
-                         device) -> list[torch.Tensor]:
+                         samples: int, device) -> list[torch.Tensor]:
     """``W (A − H) = 2/n Σ (W (x_dense − x)) xᵀ`` per group, (rows/groups, cols) each, over the layer's input vectors.
 
     One forward pass of the input difference and one weight-gradient pass per batch: 4·n·|W| FLOPs in PyTorch's
     conv kernels, instead of the (cols, cols) cross-covariance ``A`` (2·n·cols²) and a GEMM with it. Taking the
-    difference of the inputs first also avoids the cancellation of ``W A − W H``.
+    difference of the inputs first also avoids the cancellation of ``W A − W H``. ``samples`` is n, the input
+    vectors of all batches (the Hessian's count).
     """
     weight = layer.weight.detach().to(device, torch.float32)
-    sums, samples = None, 0
+    sums = None
     for x, x_dense in zip(inputs, dense_inputs):
         x = x.detach().to(device, torch.float32)
         grad = layer.forward_with(x_dense.detach().to(device, torch.float32) - x, weight)  # (.., C_out, ..)
         products = layer.output_input_product(x, grad)
         sums = [p.double() for p in products] if sums is None else [s.add_(p) for s, p in zip(sums, products)]
-        samples += layer.input_vectors(x)
     return [s * (2.0 / samples) for s in sums]
 
 
@@ -162,7 +162,7 @@ class _LayerPruner:
         record.samples, record.hessian_flops = accumulator.samples, accumulator.flops
         shifts = None
         if dense_inputs is not None:
-            shifts = _dense_target_shifts(layer, inputs, dense_inputs, device)
+            shifts = _dense_target_shifts(layer, inputs, dense_inputs, record.samples, device)
             record.hessian_flops += 4 * record.samples * layer.weight.numel()  # a forward and a weight gradient
         record.hessian_s = time.perf_counter() - start
         return statistics, shifts

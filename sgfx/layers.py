@@ -323,7 +323,6 @@ class HessianAccumulator:
             for start in range(0, flat.shape[0], step):
                 yield flat[start:start + step].unsqueeze(0)
             return
-        self._check_conv_input(x)
         per_image = max(1, layer.patches(x[:1]).numel())
         step = max(1, _CHUNK_ELEMENTS // per_image)
         for start in range(0, x.shape[0], step):

@@ -109,7 +109,7 @@ def test_dense_target_shift_equals_weight_times_cross_minus_hessian(gen, module)
     shape = (3, 5, 8) if isinstance(module, torch.nn.Linear) else (3, 8, 11, 9)
     inputs = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2)]
     dense = [x + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64) for x in inputs]
-    got = _dense_target_shifts(layer, inputs, dense, None)
+    got = _dense_target_shifts(layer, inputs, dense, sum(layer.input_vectors(x) for x in inputs), None)
 
     def vectors(xs):  # (groups, n, cols) in solve order
         if layer.op == "Linear":
