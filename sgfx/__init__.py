@@ -9,7 +9,7 @@ Example:
 from .api import calibration_batches, sparsify
 from .check import PatternCheck, check_pattern
 from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
-from .lowering import lower
+from .lowering import ExportError, OnnxExportReport, check_onnx_sparsity, export_onnx, lower
 from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.sequential_prune import CalibrationError
 from .passes.trace import TraceError
@@ -40,6 +40,10 @@ __all__ = [
     "FactorizationError",
     "save",
     "lower",
+    "export_onnx",
+    "check_onnx_sparsity",
+    "OnnxExportReport",
+    "ExportError",
     "load",
     "SgfxFormatError",
     "__version__",

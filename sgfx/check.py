@@ -17,7 +17,26 @@ from .config import NMPattern, parse_pattern
 from .layers import fetch_tensor
 from .report import REPORT_KEY
 
-__all__ = ["PatternCheck", "check_pattern", "count_violations"]
+__all__ = ["PatternCheck", "check_pattern", "count_violations", "nm_groups", "nm_ungroup"]
+
+# The N:M layout, in one place: groups run along the input axis of a PyTorch weight (dim 1: Conv input channels,
+# Linear in_features), one group per output channel and kernel position. ONNX Conv weights share it; the ONNX
+# checker (sgfx.lowering.onnx) passes other axes for Gemm/MatMul operands.
+GROUP_AXIS = 1
+
+
+def nm_groups(weight: torch.Tensor, m: int, axis: int = GROUP_AXIS) -> torch.Tensor:
+    """(n_groups, m): every run of ``m`` consecutive entries along ``axis``, one per row (a view when possible).
+
+    Rows are ordered by the other axes in their order (for a Conv weight: C_out, kh, kw), then along ``axis``.
+    """
+    return weight.movedim(axis, -1).reshape(-1, m)
+
+
+def nm_ungroup(groups: torch.Tensor, shape: tuple[int, ...], axis: int = GROUP_AXIS) -> torch.Tensor:
+    """Inverse of :func:`nm_groups`: a contiguous tensor of ``shape`` from its (n_groups, m) rows."""
+    moved = [d for i, d in enumerate(shape) if i != axis] + [shape[axis]]
+    return groups.reshape(moved).movedim(-1, axis).contiguous()
 
 
 @dataclass
@@ -53,10 +72,7 @@ def count_violations(weight: torch.Tensor, pattern: Any) -> int:
     in_axis = weight.shape[1]
     if in_axis % pattern.m:
         raise ValueError(f"input axis of weight {tuple(weight.shape)} ({in_axis}) is not divisible by M={pattern.m}")
-    if weight.dim() == 4:
-        nonzero = nonzero.permute(0, 2, 3, 1)  # (C_out, kh, kw, C_in): groups along input channels
-    groups = nonzero.reshape(-1, pattern.m)
-    return int((groups.sum(dim=1) > pattern.n).sum())
+    return int((nm_groups(nonzero, pattern.m).sum(dim=1) > pattern.n).sum())
 
 
 def _weights_to_check(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -62,6 +62,17 @@ class NMPattern:
     def sparsity(self) -> float:
         return self.n_pruned / self.m
 
+    def implies(self, other: "NMPattern") -> bool:
+        """Whether every weight following this pattern also follows ``other`` (groups aligned from channel 0).
+
+        E.g. 1:2, 1:4, 1:8 and 2:8 imply 2:4; 4:8 and 3:4 do not (three nonzeros can share one run of four).
+        """
+        if other.m % self.m == 0:  # each run of other.m holds other.m/m whole groups
+            return self.n * (other.m // self.m) <= other.n
+        if self.m % other.m == 0:  # each run of other.m lies inside one group
+            return min(self.n, other.m) <= other.n
+        return False
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .check import nm_groups, nm_ungroup
 from .config import NMPattern, parse_pattern
 from .report import REPORT_KEY, LayerRecord, SparsityReport
 
@@ -66,15 +67,9 @@ def _unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return values.flatten()[:count].to(torch.int64)
 
 
-def _groups_view(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """(n_groups, m) view-or-copy of the weight with groups along input channels (dim 1)."""
-    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 else weight
-    return w.reshape(-1, m)
-
-
 def pack_nm(weight: torch.Tensor, pattern: NMPattern) -> dict[str, torch.Tensor]:
     """Kept values (n_groups, N) and bit-packed in-group indices of an N:M weight."""
-    groups = _groups_view(weight, pattern.m)
+    groups = nm_groups(weight, pattern.m)
     nonzero = groups != 0
     if int(nonzero.sum(dim=1).max()) > pattern.n:
         raise ValueError(f"weight does not follow {pattern}: cannot pack it as such")
@@ -88,10 +83,7 @@ def unpack_nm(packed: dict[str, torch.Tensor], shape: tuple[int, ...], pattern: 
     values = packed["values"]
     order = _unpack_bits(packed["indices"], _bits_for(pattern.m), values.numel()).view_as(values)
     groups = torch.zeros(values.shape[0], pattern.m, dtype=values.dtype).scatter_(1, order, values)
-    if len(shape) == 4:
-        o, c, kh, kw = shape
-        return groups.view(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
-    return groups.view(shape)
+    return nm_ungroup(groups, shape)
 
 
 def pack_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,401 @@
+"""Export a sparsified GraphModule to ONNX for TensorRT, and verify the 2:4 pattern on the exported file itself.
+
+Why: the usual road to sparse tensor cores for a CNN is ``trtexec --onnx=model.onnx --sparsity=enable``. TensorRT
+uses a sparse kernel only where the weight *as it reaches TensorRT* has 2:4 along its reduction axis, and says
+nothing otherwise. The exporter may fold BatchNorm into a convolution (rescaling its output channels), transpose a
+weight or cast it, so the check runs on the ONNX initializers, with TensorRT's rules, after export:
+
+- ``Conv`` weight ``[K, C/g, k...]``: groups of 4 along C (axis 1) at every output channel and kernel position;
+- ``Gemm`` B: along its reduction axis, axis 1 when ``transB=1`` (``[N, K]``), else axis 0 (``[K, N]``);
+- ``MatMul`` with a constant 2-D B ``[K, N]``: along axis 0.
+
+A weight reached through ``Cast`` or ``Transpose`` nodes is followed back to its initializer (a ``Transpose`` moves
+the axis). A layer sgfx pruned whose exported weight lost its pattern is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from ..check import count_violations, nm_groups
+from ..config import NMPattern, parse_pattern
+from ..layers import fetch_tensor
+from ..report import REPORT_KEY, LayerRecord, SparsityReport
+
+__all__ = ["OnnxLayer", "OnnxExportReport", "ExportError", "export_onnx", "check_onnx_sparsity", "tensorrt_axis",
+           "trtexec_command"]
+
+logger = logging.getLogger(__name__)
+
+TENSORRT_PATTERN = NMPattern(2, 4)  # the only pattern TensorRT's sparse kernels take
+_INSTALL_HINT = "pip install 'sgfx[onnx]'"
+_FOLLOWED_OPS = ("Cast", "Identity")  # ops a weight may pass through without changing its layout
+_ELIGIBLE = "sparse-eligible"
+_EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a .data file beside the model (protobuf caps files at 2 GB)
+
+
+class ExportError(RuntimeError):
+    """The exported model does not keep what sgfx produced (a pruned layer's pattern, or its outputs)."""
+
+
+@dataclass
+class OnnxLayer:
+    """One Conv/Gemm/MatMul of an ONNX model, as TensorRT's sparsity rules see it."""
+
+    node: str  # ONNX node name
+    op_type: str  # "Conv", "Gemm" or "MatMul"
+    initializer: str | None  # the weight's initializer (None: computed at run time)
+    shape: tuple[int, ...] = ()
+    axis: int = 1  # the initializer axis TensorRT groups along
+    violations: int = 0  # runs of 4 along ``axis`` with more than 2 nonzeros
+    reason: str = _ELIGIBLE  # "sparse-eligible", or why not
+    layer: str = ""  # the sgfx layer it came from ("" if none)
+    pruned: bool = False  # sgfx pruned that layer
+    sparsity: float = 0.0  # fraction of exact zeros in the initializer
+
+    @property
+    def eligible(self) -> bool:
+        return self.reason == _ELIGIBLE
+
+
+@dataclass
+class OnnxExportReport:
+    """What :func:`export_onnx` wrote and verified; ``str(report)`` is the per-layer table."""
+
+    path: str
+    dtype: str
+    layers: list[OnnxLayer] = field(default_factory=list)
+    max_rel_error: float | None = None  # max|ORT − torch| / max|torch| on the example inputs (float32 only)
+    parity_note: str = ""
+
+    @property
+    def pruned(self) -> list[OnnxLayer]:
+        return [layer for layer in self.layers if layer.pruned]
+
+    @property
+    def eligible(self) -> list[OnnxLayer]:
+        return [layer for layer in self.layers if layer.eligible]
+
+    @property
+    def trtexec(self) -> str:
+        return trtexec_command(self.path, self.dtype)
+
+    def table(self, tablefmt: str = "simple") -> str:
+        rows = [[layer.layer or "-", layer.node, layer.op_type, layer.initializer or "(dynamic)",
+                 "x".join(map(str, layer.shape)), layer.axis, f"{layer.sparsity:.1%}",
+                 "yes" if layer.pruned else "no", layer.reason] for layer in self.layers]
+        headers = ["sgfx layer", "ONNX node", "op", "initializer", "shape", "2:4 axis", "zeros", "pruned", "TensorRT"]
+        parity = (f"max relative error vs PyTorch {self.max_rel_error:.2e}" if self.max_rel_error is not None
+                  else f"outputs not compared ({self.parity_note})")
+        summary = (f"{self.path} ({self.dtype}): {len(self.eligible)}/{len(self.layers)} weight layers "
+                   f"sparse-eligible, {len(self.pruned)} pruned by sgfx; {parity}")
+        return f"{summary}\n{tabulate(rows, headers=headers, tablefmt=tablefmt)}\nbuild: {self.trtexec}"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def trtexec_command(path: str | os.PathLike, dtype: str = "float32") -> str:
+    """The ``trtexec`` call that builds a sparse engine from an exported file (``--verbose`` prints TensorRT's
+    "(Sparsity) Layers eligible for sparse math" and "picked sparse implementation" lines)."""
+    engine = Path(path).with_suffix(".engine")
+    precision = "--stronglyTyped" if dtype in ("float16", "bfloat16") else "--fp16"
+    return f"trtexec --onnx={path} {precision} --sparsity=enable --saveEngine={engine} --verbose"
+
+
+def _import_onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ImportError(f"ONNX export needs the onnx and onnxscript packages: {_INSTALL_HINT}") from None
+    return onnx, numpy_helper
+
+
+# ------------------------------------------------------------------------------------------- the checker
+def tensorrt_axis(op_type: str, attributes: dict[str, Any]) -> int:
+    """The axis of a node's weight (input 1) that TensorRT's 2:4 groups run along (its reduction axis)."""
+    if op_type == "Conv":
+        return 1
+    if op_type == "Gemm":
+        return 1 if attributes.get("transB", 0) else 0
+    if op_type == "MatMul":
+        return 0
+    raise ValueError(f"no TensorRT sparsity rule for ONNX op {op_type!r}")
+
+
+def _attributes(node) -> dict[str, Any]:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _resolve_weight(name: str, axis: int, initializers: dict, producers: dict) -> tuple[str | None, int]:
+    """Follow ``name`` back through Cast/Identity/Transpose to an initializer; returns (initializer, its axis)."""
+    while name not in initializers:
+        node = producers.get(name)
+        if node is None:
+            return None, axis
+        if node.op_type == "Transpose":
+            perm = _attributes(node).get("perm")
+            if perm is None:
+                return None, axis
+            axis = list(perm)[axis]  # output axis `axis` is input axis perm[axis]
+        elif node.op_type not in _FOLLOWED_OPS:
+            return None, axis
+        name = node.input[0]
+    return name, axis
+
+
+def _structural_reason(layer: OnnxLayer, groups: int) -> str | None:
+    """Why TensorRT cannot treat this weight as 2:4 whatever its values, or None."""
+    if layer.initializer is None:
+        return "weight computed at run time, not a constant initializer: TensorRT needs constant sparse weights"
+    if layer.op_type == "Conv" and groups > 1 and layer.shape[1] == 1:
+        return "depthwise convolution (1 input channel per group)"
+    length = layer.shape[layer.axis]
+    if length % TENSORRT_PATTERN.m:
+        what = "input channels per group" if layer.op_type == "Conv" else "reduction axis"
+        return f"{what} ({length}) not a multiple of {TENSORRT_PATTERN.m}"
+    return None
+
+
+def check_onnx_sparsity(model: Any) -> list[OnnxLayer]:
+    """Every Conv, Gemm and constant-weight MatMul of an ONNX model, with TensorRT's 2:4 verdict on its weight.
+
+    Args:
+        model: an ``onnx.ModelProto`` or a path to an ``.onnx`` file.
+
+    Returns:
+        One :class:`OnnxLayer` per weight layer, in graph order; ``layer.eligible`` is TensorRT's verdict.
+
+    Example:
+        >>> [l.initializer for l in sgfx.lowering.check_onnx_sparsity("model.onnx") if not l.eligible]  # doctest: +SKIP
+    """
+    return _scan(model)[0]
+
+
+def _scan(model: Any) -> tuple[list[OnnxLayer], dict[str, np.ndarray]]:
+    """:func:`check_onnx_sparsity`'s layers, and the nonzero masks of their weights by initializer name."""
+    onnx, numpy_helper = _import_onnx()
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(os.fspath(model))
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    nonzeros: dict[str, np.ndarray] = {}  # boolean masks (bfloat16 arrays do not convert to torch)
+    layers = []
+    for index, node in enumerate(graph.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        attributes = _attributes(node)
+        name, axis = _resolve_weight(node.input[1], tensorrt_axis(node.op_type, attributes), initializers, producers)
+        if node.op_type == "MatMul" and (name is None or len(initializers[name].dims) != 2):
+            continue  # activation x activation (attention scores) or a batched constant: not a weight layer
+        layer = OnnxLayer(node.name or f"{node.op_type}_{index}", node.op_type, name, axis=axis)
+        if name is not None:
+            if name not in nonzeros:
+                nonzeros[name] = numpy_helper.to_array(initializers[name]) != 0
+            mask = nonzeros[name]
+            layer.shape = tuple(mask.shape)
+            layer.sparsity = 1.0 - float(mask.mean()) if mask.size else 0.0
+        reason = _structural_reason(layer, int(attributes.get("group", 1)))
+        if reason is None:
+            nonzero = torch.from_numpy(nonzeros[name])
+            layer.violations = int((nm_groups(nonzero, TENSORRT_PATTERN.m, axis).sum(1) > TENSORRT_PATTERN.n).sum())
+            if layer.violations:
+                total = nonzero.numel() // TENSORRT_PATTERN.m
+                reason = f"not 2:4 along axis {axis}: {layer.violations}/{total} runs of 4 hold more than 2 nonzeros"
+        layer.reason = reason or _ELIGIBLE
+        layers.append(layer)
+    return layers, nonzeros
+
+
+# ------------------------------------------------------------------------------------------- the export
+def _check_destination(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"cannot write the ONNX file to {path}: it is a directory")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write the ONNX file to {path}: {parent} is not an existing directory")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write the ONNX file to {path}: {parent} is not writable")
+
+
+def _model_pattern(report: SparsityReport, require_2_4: bool) -> Any:
+    pattern = parse_pattern(report.pattern)
+    two_four = isinstance(pattern, NMPattern) and pattern.implies(TENSORRT_PATTERN)
+    if require_2_4 and not two_four:
+        raise ValueError(
+            f"TensorRT accelerates only 2:4 sparsity (at most 2 nonzeros in every 4 input channels); this model was "
+            f"pruned to {report.pattern}, which does not guarantee it. Prune with '2:4' (or '1:4'), or pass "
+            "require_2_4=False to export anyway (its layers are then reported as not sparse-eligible).")
+    return pattern
+
+
+def _torch_layout(array: np.ndarray, axis: int) -> np.ndarray:
+    """An ONNX weight (or its mask) in PyTorch's layout: its reduction axis moved to dim 1 (a writable copy)."""
+    return np.array(np.moveaxis(array, axis, 1))
+
+
+def _match_layers(layers: list[OnnxLayer], records: list[LayerRecord], weights: dict[str, torch.Tensor],
+                  nonzeros: dict[str, np.ndarray]) -> None:
+    """Attach each ONNX layer to the sgfx layer whose weight it holds: by initializer name (the exporter keeps
+    parameter names, also when it folds a BatchNorm into a Conv), else by identical shape and zero mask."""
+    by_name = {r.weight_name: r for r in records}
+    unclaimed = {r.weight_name: r for r in records if r.pruned}
+    for layer in layers:
+        record = by_name.get(layer.initializer or "")
+        if record is None and layer.initializer is not None:
+            zeros = ~_torch_layout(nonzeros[layer.initializer], layer.axis)
+            record = next((r for name, r in unclaimed.items()
+                           if tuple(weights[name].shape) == zeros.shape
+                           and np.array_equal(weights[name].cpu().numpy() == 0, zeros)), None)
+        if record is not None:
+            layer.layer, layer.pruned = record.name, record.pruned
+            unclaimed.pop(record.weight_name, None)
+            if not record.pruned and layer.violations and record.reason:  # structural reasons speak for themselves
+                layer.reason += f" (left dense by sgfx: {record.reason})"
+
+
+def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern: Any, path: Path,
+                   nonzeros: dict[str, np.ndarray]) -> None:
+    """Raise :class:`ExportError` when a layer sgfx pruned lost its weight or its pattern in export."""
+    found = {layer.layer for layer in layers if layer.pruned}
+    problems = [f"{r.name}: no ONNX weight holds it (the exporter rewrote it)"
+                for r in records if r.pruned and r.name not in found]
+    for layer in layers:
+        if not layer.pruned:
+            continue
+        nonzero = torch.from_numpy(_torch_layout(nonzeros[layer.initializer], layer.axis))
+        lost = count_violations(nonzero, pattern) if isinstance(pattern, NMPattern) else 0
+        record = next(r for r in records if r.name == layer.layer)
+        if lost or int((~nonzero).sum()) < round(record.sparsity * nonzero.numel()):
+            problems.append(f"{layer.layer} ({layer.initializer}): pattern {pattern} lost in export "
+                            f"({lost} groups violate it; zeros {layer.sparsity:.1%} vs {record.sparsity:.1%} pruned)")
+        elif not layer.eligible and isinstance(pattern, NMPattern) and pattern.implies(TENSORRT_PATTERN):
+            problems.append(f"{layer.layer} ({layer.initializer}): {layer.reason}")
+    if problems:
+        raise ExportError(f"{path}: the export does not keep sgfx's sparsity:\n  " + "\n  ".join(problems))
+
+
+def _parity(gm: nn.Module, args: tuple, path: Path) -> float:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError(f"checking the exported outputs needs onnxruntime: {_INSTALL_HINT} "
+                          "(or pass check_outputs=False)") from None
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        expected = gm(*args)
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(torch.utils._pytree.tree_leaves(expected))
+    error = 0.0
+    for want, have in zip(expected, got):
+        want = want.detach().cpu().double().numpy()
+        scale = float(np.abs(want).max()) or 1.0
+        error = max(error, float(np.abs(np.asarray(have, dtype=np.float64) - want).max()) / scale)
+    return error
+
+
+def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.Tensor, path: str | os.PathLike, *,
+                dtype: torch.dtype = torch.float32, opset_version: int | None = None, dynamic_batch: bool = False,
+                check_outputs: bool = True, rtol: float = 1e-4, require_2_4: bool = True) -> OnnxExportReport:
+    """Export a sparsified model to ONNX with ``torch.onnx.export`` and verify its sparsity for TensorRT.
+
+    The export uses PyTorch's current exporter (``dynamo=True``) with its optimizer on: it folds BatchNorm into the
+    preceding Conv, which rescales output channels and keeps every zero. The file is written next to ``path`` and
+    moved there only once verified: every layer sgfx pruned must still hold its pattern on its ONNX initializer
+    (else :class:`ExportError`), and with ``check_outputs`` onnxruntime's outputs on ``args`` must match the model's
+    within ``rtol`` (float32 exports).
+
+    Args:
+        gm: a GraphModule from :func:`sgfx.sparsify` or :func:`sgfx.load` (it is not modified).
+        args: example inputs (a tensor or a tuple of tensors), as the model takes them.
+        path: the ``.onnx`` file to write.
+        dtype: ``torch.float32`` (default), ``torch.float16`` or ``torch.bfloat16``: the weights' and inputs' dtype
+            in the file (a strongly typed TensorRT network takes its precision from it).
+        opset_version: ONNX opset (default: the exporter's).
+        dynamic_batch: make the first dimension of every input dynamic.
+        check_outputs: compare onnxruntime's outputs with the model's (float32 only; needs onnxruntime).
+        rtol: tolerance of that comparison, relative to the largest output magnitude.
+        require_2_4: refuse models pruned to a pattern that does not imply 2:4 (the only one TensorRT accelerates).
+
+    Returns:
+        An :class:`OnnxExportReport`: per layer the ONNX node and initializer, the axis TensorRT groups along and
+        its verdict; the parity error; ``report.trtexec``, the command that builds the engine.
+
+    Raises:
+        ValueError: not a model from sgfx, a non-2:4 model with ``require_2_4``, bad dtype or an unwritable path.
+        ImportError: onnx/onnxscript (or onnxruntime, for ``check_outputs``) missing.
+        ExportError: a pruned layer lost its pattern in export, or the outputs differ beyond ``rtol``.
+
+    Example:
+        >>> report = sgfx.export_onnx(gm, (x,), "model.onnx", dtype=torch.float16)  # doctest: +SKIP
+        >>> print(report)  # doctest: +SKIP
+    """
+    _import_onnx()
+    if not isinstance(gm, nn.Module):
+        raise TypeError(f"export_onnx takes the GraphModule returned by sgfx.sparsify, got {type(gm).__name__}")
+    report = getattr(gm, "meta", {}).get(REPORT_KEY) if isinstance(getattr(gm, "meta", None), dict) else None
+    if report is None:
+        raise ValueError("this model was not sparsified by sgfx (it carries no sgfx report): pass the GraphModule "
+                         "returned by sgfx.sparsify or sgfx.load")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("args must be a tensor or a non-empty tuple of tensors (example inputs)")
+    path = Path(path)
+    _check_destination(path)
+    pattern = _model_pattern(report, require_2_4)
+
+    model = copy.deepcopy(gm).eval().to(dtype=dtype)
+    args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in args)
+    staging = Path(tempfile.mkdtemp(prefix=".sgfx-export-", dir=path.parent if str(path.parent) else "."))
+    try:
+        staged = staging / path.name
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        torch.onnx.export(model, args, os.fspath(staged), dynamo=True, optimize=True, opset_version=opset_version,
+                          dynamic_shapes=dynamic_shapes, external_data=weight_bytes >= _EXTERNAL_DATA_BYTES,
+                          verbose=False)
+        layers, nonzeros = _scan(os.fspath(staged))
+        weights = {r.weight_name: fetch_tensor(model, r.weight_name).detach() for r in report.layers if r.pruned}
+        _match_layers(layers, report.layers, weights, nonzeros)
+        _verify_pruned(layers, report.layers, pattern, path, nonzeros)
+        result = OnnxExportReport(os.fspath(path), str(dtype).removeprefix("torch."), layers)
+        if not check_outputs:
+            result.parity_note = "check_outputs=False"
+        elif dtype != torch.float32:
+            result.parity_note = f"{result.dtype} export: onnxruntime parity is checked on float32 exports"
+        else:
+            result.max_rel_error = _parity(model, args, staged)
+            if not math.isfinite(result.max_rel_error) or result.max_rel_error > rtol:
+                raise ExportError(f"{path}: onnxruntime's outputs differ from the model's by {result.max_rel_error:.2e} "
+                                  f"(relative to the largest output), above rtol={rtol:g}")
+        for item in staging.iterdir():  # the model and any external-data file beside it
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("exported %s: %d/%d weight layers sparse-eligible", path, len(result.eligible), len(result.layers))
+    return result
