@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import pathlib
-import statistics
 import sys
 import warnings
 
@@ -29,22 +28,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import sgfx  # noqa: E402
+from sgfx.lowering.semi_structured import median_cuda_ms  # noqa: E402
 
 
-def median_ms(fn, x, warmup=10, repeats=50) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(x)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+def median_ms(fn, x) -> float:
+    return median_cuda_ms(fn, x, warmup=10, repeats=50)
 
 
 FP16_TOLERANCE = 2e-2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -248,6 +249,24 @@ def _correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, m
     return hooks
 
 
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, layers: int, callback):
+    """Yield the per-layer callback: ``callback``, preceded by a tqdm bar's update when ``enabled``."""
+    if not enabled:
+        yield callback
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=layers, desc="sgfx: pruning", unit="layer", disable=None, dynamic_ncols=True) as bar:
+        def on_layer(record: LayerRecord) -> None:
+            bar.set_postfix_str(record.name, refresh=False)
+            bar.update(1)
+            if callback is not None:
+                callback(record)
+
+        yield on_layer
+
+
 def sparsify(
     model: nn.Module,
     calib: Any,
@@ -266,6 +285,7 @@ def sparsify(
     stats_correction: str | bool | None = None,
     permute_channels: bool | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
+    progress: bool = False,
 ) -> torch.fx.GraphModule:
     """Prune a trained model's Conv2d/Linear weights in one shot, without fine-tuning.
 
@@ -299,6 +319,7 @@ def sparsify(
         permute_channels: reorder the channels between each producer layer and its consumers (function unchanged)
             so that the N:M groups keep more saliency, before calibration (default: on for N:M patterns).
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
+        progress: show a progress bar over the layers (tqdm, on stderr; off when stderr is not a terminal).
 
     Returns:
         A new ``torch.fx.GraphModule`` equal to ``model`` except for the pruned weights, in the model's dtypes
@@ -388,8 +409,8 @@ def sparsify(
         corrections = _correction_hooks(gm, to_prune, set(batchnorms), config.stats_correction, result)
         # the unpruned model, run in lockstep
         dense = copy.deepcopy(gm) if config.dense_targets or corrections else None
-        with torch.no_grad():
-            SequentialPruner(gm, to_prune, _LayerPruner(config, records, callback), hooks, dense,
+        with torch.no_grad(), _progress_bar(progress, len(to_prune), callback) as on_layer:
+            SequentialPruner(gm, to_prune, _LayerPruner(config, records, on_layer), hooks, dense,
                              corrections).run_batches(batches)
         del dense
     _restore_dtypes(gm, original_dtypes)

@@ -4,8 +4,8 @@ Why a format of its own: ``torch.save(gm)`` pickles code, so loading it can run 
 state_dict stores every pruned zero. An ``.sgfx`` file is a ``torch.save`` archive holding only plain tensors and
 one JSON string, read back with ``torch.load(weights_only=True)``:
 
-- the graph as JSON nodes; call targets must resolve to native torch ops, ``torch.nn.functional``, ``operator`` or
-  ``math`` functions, public ``Tensor`` methods, or ``torch.nn`` module classes rebuilt from their constructor
+- the graph as JSON nodes; call targets must resolve to native torch ops (``torch.*`` functions or ``torch.ops.aten``
+  operators, as graphs from ``torch.export`` call them), ``torch.nn.functional``, ``operator`` or ``math`` functions, public ``Tensor`` methods, or ``torch.nn`` module classes rebuilt from their constructor
   arguments — never to anything else, so loading (and running) the model executes no code from the file;
 - N:M weights as their kept values plus the bit-packed index of each value inside its group of M (groups along
   input channels, as the pruning made them); unstructured ones as a bitmask plus the nonzero values; everything
@@ -101,6 +101,8 @@ def unpack_bitmask(packed: dict[str, torch.Tensor], shape: tuple[int, ...], dtyp
 
 # ----------------------------------------------------------------------------------------- graph encoding
 def _encode_target(target: Any) -> dict[str, str]:
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":  # graphs from torch.export
+        return {"module": "torch.ops.aten", "name": f"{target._opname}.{target._overloadname}"}
     short = getattr(target, "__name__", "")
     candidates = (
         ("torch.nn.functional", short),  # F.linear is torch._C._nn.linear: store it under F
@@ -124,6 +126,10 @@ def _resolve_target(spec: Any, strict: bool = True) -> Any:
         found = getattr(_SAFE_FUNCTION_MODULES[module], name, None)
     elif module == "builtins":
         found = _SAFE_BUILTINS.get(name)
+    elif module == "torch.ops.aten" and name.count(".") == 1:  # native aten operators only
+        packet, overload = name.split(".")
+        packet = getattr(torch.ops.aten, packet, None)
+        found = getattr(packet, overload, None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
     elif module == "torch" and "." not in name:
         native = getattr(torch._C._VariableFunctions, name, None)  # native ops only: no torch.load & co.
         found = getattr(torch, name, None) if native is not None else None

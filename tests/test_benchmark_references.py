@@ -23,5 +23,6 @@ def test_baselines_equal_sgfx_kernel(gen, n, m, cols, blocksize):
     column_w, column_mask = per_column(weight.double(), hessian, n, m)
     for w, mask in ((blocked_w, blocked_mask), (column_w, column_mask)):
         assert float((mask == ours.pruned).float().mean()) > 0.99
-        if torch.equal(mask, ours.pruned):
-            torch.testing.assert_close(w.double(), ours.weight, rtol=1e-4, atol=1e-5)
+        same = (mask == ours.pruned).all(dim=1)  # rows are solved independently: equal masks, equal weights
+        assert int(same.sum()) >= 0.9 * len(same)
+        torch.testing.assert_close(w.double()[same], ours.weight[same], rtol=1e-4, atol=1e-5)

@@ -39,8 +39,11 @@ def test_kernel_float32_close_to_reference(gen, pattern):
     assert result.weight.dtype == torch.float32
     agreement = float((result.pruned == expected_mask).double().mean())
     assert agreement > 0.99
-    if agreement == 1.0:
-        torch.testing.assert_close(result.weight.double(), expected_w, rtol=1e-3, atol=1e-4)
+    # OBS solves each row on its own: rows with the same mask must end with the same weights (float32 rounding
+    # can flip a near-tie, which changes that row's compensation, so only rows whose masks agree are compared)
+    same = (result.pruned == expected_mask).all(dim=1)
+    assert int(same.sum()) >= 0.9 * len(same)
+    torch.testing.assert_close(result.weight.double()[same], expected_w[same], rtol=1e-3, atol=1e-4)
 
 
 def test_inputs_not_modified(gen):

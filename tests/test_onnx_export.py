@@ -1,7 +1,6 @@
 """ONNX export for TensorRT: the pattern verified on the exported initializers, by sgfx and by NVIDIA Polygraphy (an
 independent checker), onnxruntime parity, fp16, BatchNorm folding, and bad input."""
 
-import pathlib
 import sys
 
 import numpy as np

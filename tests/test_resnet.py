@@ -28,10 +28,12 @@ def test_resnet18_every_eligible_layer_is_exactly_2_4(resnet_and_result):
     for record in report.pruned_layers:
         w = gm.get_parameter(record.weight_name)
         assert int((w != 0).sum()) <= w.numel() // 2, record.name
-        if w.dim() == 4:
-            assert conv_via_loops_ok(w, 2, 4), record.name
         assert 0.0 <= record.rel_error < 0.5
     assert sgfx.check_pattern(gm, "2:4")
+    # the element-by-element reference (pure Python, ~5 us a weight) on one conv of each kind: 3x3 stride 1,
+    # 3x3 stride 2, 1x1 stride-2 downsample; check_pattern above covers every layer
+    for name in ("layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample.0"):
+        assert conv_via_loops_ok(gm.get_submodule(name).weight, 2, 4), name
 
 
 def test_resnet18_forward_and_model_untouched(resnet_and_result):

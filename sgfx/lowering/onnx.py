@@ -274,7 +274,7 @@ def _match_layers(layers: list[OnnxLayer], records: list[LayerRecord], weights: 
 
 
 def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern: Any, path: Path,
-                   nonzeros: dict[str, np.ndarray]) -> None:
+                   weights: dict[str, torch.Tensor], nonzeros: dict[str, np.ndarray]) -> None:
     """Raise :class:`ExportError` when a layer sgfx pruned lost its weight or its pattern in export."""
     found = {layer.layer for layer in layers if layer.pruned}
     problems = [f"{r.name}: no ONNX weight holds it (the exporter rewrote it)"
@@ -285,9 +285,10 @@ def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern:
         nonzero = torch.from_numpy(_torch_layout(nonzeros[layer.initializer], layer.axis))
         lost = count_violations(nonzero, pattern) if isinstance(pattern, NMPattern) else 0
         record = next(r for r in records if r.name == layer.layer)
-        if lost or int((~nonzero).sum()) < round(record.sparsity * nonzero.numel()):
+        zeros, pruned_zeros = int((~nonzero).sum()), int((weights[record.weight_name] == 0).sum())
+        if lost or zeros < pruned_zeros:
             problems.append(f"{layer.layer} ({layer.initializer}): pattern {pattern} lost in export "
-                            f"({lost} groups violate it; zeros {layer.sparsity:.1%} vs {record.sparsity:.1%} pruned)")
+                            f"({lost} groups violate it; {zeros} zeros where the model has {pruned_zeros})")
         elif not layer.eligible and isinstance(pattern, NMPattern) and pattern.implies(TENSORRT_PATTERN):
             problems.append(f"{layer.layer} ({layer.initializer}): {layer.reason}")
     if problems:
@@ -382,7 +383,7 @@ def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.T
         layers, nonzeros = _scan(os.fspath(staged))
         weights = {r.weight_name: fetch_tensor(model, r.weight_name).detach() for r in report.layers if r.pruned}
         _match_layers(layers, report.layers, weights, nonzeros)
-        _verify_pruned(layers, report.layers, pattern, path, nonzeros)
+        _verify_pruned(layers, report.layers, pattern, path, weights, nonzeros)
         result = OnnxExportReport(os.fspath(path), str(dtype).removeprefix("torch."), layers)
         if not check_outputs:
             result.parity_note = "check_outputs=False"

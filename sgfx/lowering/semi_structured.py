@@ -27,7 +27,7 @@ from ..check import count_violations
 from ..report import REPORT_KEY
 
 __all__ = ["LoweringDecision", "SemiStructuredLinear", "SemiStructuredConv1x1", "plan_semi_structured",
-           "lower_semi_structured", "is_pointwise"]
+           "lower_semi_structured", "is_pointwise", "median_cuda_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,12 @@ class SemiStructuredConv1x1(nn.Module):
         return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)  # channels-last output
 
 
-def _median_cuda_ms(fn, x: torch.Tensor, repeats: int = 20) -> float:
-    for _ in range(3):
+@torch.no_grad()
+def median_cuda_ms(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of ``fn(x)`` on the GPU in milliseconds (CUDA events), after ``warmup`` calls."""
+    for _ in range(warmup):
         fn(x)
+    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -171,7 +174,7 @@ def _time_candidates(model: nn.Module, decisions: list[LoweringDecision], exampl
         for name, decision in candidates.items():
             conv = model.get_submodule(name)
             sparse = SemiStructuredConv1x1(conv)
-            dense_ms, sparse_ms = _median_cuda_ms(conv, seen[name]), _median_cuda_ms(sparse, seen[name])
+            dense_ms, sparse_ms = median_cuda_ms(conv, seen[name]), median_cuda_ms(sparse, seen[name])
             decision.lowered = sparse_ms < dense_ms
             verdict = "lowered" if decision.lowered else "left dense"
             decision.reason = (f"1x1 conv {verdict}: sparse matmul {sparse_ms:.3f} ms vs dense conv {dense_ms:.3f} ms "

@@ -24,10 +24,15 @@ from ..layers import PrunableLayer, fetch_tensor
 
 __all__ = ["CalibrationError", "find_prunable_layers", "match_skip", "SequentialPruner"]
 
-_LINEAR_FNS = {F.linear, torch._C._nn.linear}
-_CONV_FNS = {F.conv2d, torch.conv2d}
-_CONV_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_ATEN_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
+                          "groups")
+# Functional calls sgfx prunes when their weight is a get_attr: torch.nn.functional, and the aten ops of graphs
+# from torch.export (``ExportedProgram.module()``; TorchScript converted by torch.export gives aten.convolution).
+_LINEAR_FNS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+_CONV_FNS = {F.conv2d: _CONV_ARGS, torch.conv2d: _CONV_ARGS, torch.ops.aten.conv2d.default: _CONV_ARGS,
+             torch.ops.aten.convolution.default: _ATEN_CONVOLUTION_ARGS}
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False}
 
 
 class CalibrationError(ValueError):
@@ -35,10 +40,11 @@ class CalibrationError(ValueError):
 
 
 def _functional_layer(gm: torch.fx.GraphModule, node: Node) -> PrunableLayer | None:
-    """A PrunableLayer for ``F.linear``/``F.conv2d`` whose weight is a ``get_attr`` of ``gm``, else None."""
-    if node.op != "call_function" or node.target not in _LINEAR_FNS | _CONV_FNS:
+    """A PrunableLayer for ``F.linear``/``F.conv2d`` (or their aten ops) whose weight is a ``get_attr`` of ``gm``,
+    else None."""
+    if node.op != "call_function" or (node.target not in _LINEAR_FNS and node.target not in _CONV_FNS):
         return None
-    bound = dict(zip(_CONV_ARG_NAMES, node.args))
+    bound = dict(zip(_CONV_FNS.get(node.target, _CONV_ARGS), node.args))
     bound.update(node.kwargs)
     weight_node = bound.get("weight")
     if not isinstance(weight_node, Node) or weight_node.op != "get_attr":
@@ -51,7 +57,8 @@ def _functional_layer(gm: torch.fx.GraphModule, node: Node) -> PrunableLayer | N
             return None
         return PrunableLayer(weight_node.target, "Linear", weight, weight_name=weight_node.target)
     args = {**_CONV_DEFAULTS, **bound}
-    if weight.dim() != 4 or any(isinstance(args[k], Node) for k in ("stride", "padding", "dilation", "groups")):
+    if weight.dim() != 4 or args["transposed"] or any(
+            isinstance(args[k], Node) for k in ("stride", "padding", "dilation", "groups")):
         return None
     return PrunableLayer.from_conv_args(
         weight_node.target, weight, args["stride"], args["padding"], args["dilation"], args["groups"]
