@@ -221,7 +221,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # the 1-channel first conv; see report
-        _, text = run_demo(args.pattern, tuple(args.methods), args.calib_samples, args.seed)
+        _, text = run_demo(tuple(args.patterns), tuple(args.methods), args.calib_samples, args.seed)
     print(text)
     return EXIT_OK
 
@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--any-pattern", action="store_true", help="export models not pruned to 2:4 too")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and prune it (offline, about a minute)")
-    p.add_argument("--pattern", type=_pattern, default="1:4", help='"N:M" or a fraction (default 1:4)')
+    p = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and prune it (offline, seconds)")
+    p.add_argument("--patterns", type=_pattern, nargs="+", default=["2:4", "1:4"],
+                   help='"N:M" or fractions (default: 2:4 1:4)')
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["magnitude", "sparsegpt"])
     p.add_argument("--calib-samples", type=_positive, default=256)
     p.add_argument("--seed", type=int, default=0)
