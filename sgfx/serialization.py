@@ -5,8 +5,9 @@ state_dict stores every pruned zero. An ``.sgfx`` file is a ``torch.save`` archi
 one JSON string, read back with ``torch.load(weights_only=True)``:
 
 - the graph as JSON nodes; call targets must resolve to native torch ops (``torch.*`` functions or ``torch.ops.aten``
-  operators, as graphs from ``torch.export`` call them), ``torch.nn.functional``, ``operator`` or ``math`` functions, public ``Tensor`` methods, or ``torch.nn`` module classes rebuilt from their constructor
-  arguments — never to anything else, so loading (and running) the model executes no code from the file;
+  operators, as graphs from ``torch.export`` call them), ``torch.nn.functional``, ``operator`` or ``math`` functions,
+  public ``Tensor`` methods, or ``torch.nn`` module classes rebuilt from their constructor arguments — never to
+  anything else, so loading (and running) the model executes no code from the file;
 - N:M weights as their kept values plus the bit-packed index of each value inside its group of M (groups along
   input channels, as the pruning made them); unstructured ones as a bitmask plus the nonzero values; everything
   else as it is;

@@ -119,10 +119,12 @@ def _from_file(path: Path, trust_pickle: bool, example_shape: tuple[int, ...] | 
         content = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
         if not trust_pickle:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SourceError(
-                f"{path} is a pickled Python object, not a state_dict, TorchScript or torch.export file: loading it "
-                "runs code stored in the file. If you trust it, pass --trust-pickle (or re-save the model with "
-                "torch.export.save, or save its state_dict and name the architecture)") from exc
+                f"{path} does not load safely as a state_dict, TorchScript or torch.export file ({reason}). If it is "
+                "a pickled Python object, loading it runs code stored in the file: pass --trust-pickle if you trust "
+                "it (or re-save the model with torch.export.save, or save its state_dict and name the "
+                "architecture)") from exc
         logger.warning("unpickling %s with weights_only=False (--trust-pickle)", path)
         content = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(content, nn.Module):
