@@ -127,6 +127,7 @@ def _print_report(report, as_json: bool) -> None:
 # ------------------------------------------------------------------------------------------------- verbs
 def _sparsify(args: argparse.Namespace) -> int:
     from . import api, serialization
+    from .passes.trace import trace
     from .report import get_report
 
     probe = _transform(args)  # the example shape TorchScript conversion needs: before the model's own transform
@@ -134,9 +135,14 @@ def _sparsify(args: argparse.Namespace) -> int:
     transform = _transform(args, loaded.transform)
     images = _image_set(args, args.calib, transform)
     calib = [x for x, _ in _batches(images, args.batch_size, "sgfx: reading images", not args.quiet)]
+    traced = trace(loaded.model)
+    try:
+        serialization.check_saveable(traced)  # before the work: pruning does not change the graph
+    except TypeError as exc:
+        raise TypeError(f"{args.model} cannot be stored as .sgfx, so it is not pruned: {exc}") from None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # each such layer is in the report
-        gm = api.sparsify(loaded.model, calib, args.pattern, method=args.method, skip=args.skip or None,
+        gm = api.sparsify(traced, calib, args.pattern, method=args.method, skip=args.skip or None,
                           device=args.device, progress=not args.quiet)
     del calib
     sizes = serialization.save(gm, args.output)

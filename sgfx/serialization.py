@@ -34,11 +34,13 @@ from .check import nm_groups, nm_ungroup
 from .config import NMPattern, parse_pattern
 from .report import REPORT_KEY, LayerRecord, SparsityReport
 
-__all__ = ["save", "load", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
+__all__ = ["save", "load", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
 
 _FORMAT, _VERSION = "sgfx", 1
 _SAFE_FUNCTION_MODULES = {"torch.nn.functional": torch.nn.functional, "operator": operator,
                           "_operator": operator, "math": math}
+# Python-level torch functions that traced graphs call (timm's shape checks use torch._assert)
+_SAFE_TORCH_FUNCTIONS = {"_assert": torch._assert}
 _SAFE_BUILTINS = {"getattr": getattr, "len": len, "max": max, "min": min, "abs": abs, "int": int, "float": float}
 
 
@@ -131,6 +133,8 @@ def _resolve_target(spec: Any, strict: bool = True) -> Any:
         packet, overload = name.split(".")
         packet = getattr(torch.ops.aten, packet, None)
         found = getattr(packet, overload, None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+    elif module == "torch" and name in _SAFE_TORCH_FUNCTIONS:
+        found = _SAFE_TORCH_FUNCTIONS[name]
     elif module == "torch" and "." not in name:
         native = getattr(torch._C._VariableFunctions, name, None)  # native ops only: no torch.load & co.
         found = getattr(torch, name, None) if native is not None else None
@@ -243,6 +247,32 @@ def _digest(tensor: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- save/load
+def _encode_graph(gm: torch.fx.GraphModule) -> tuple[list[dict], dict[str, dict]]:
+    """The graph's nodes and the specs of the modules it calls, as stored (TypeError for what cannot be)."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"sgfx.save takes a torch.fx.GraphModule, got {type(gm).__name__}")
+    nodes, modules = [], {}
+    for node in gm.graph.nodes:
+        entry = {"op": node.op, "name": node.name, "args": _encode_arg(node.args), "kwargs": _encode_arg(node.kwargs)}
+        if node.op == "call_function":
+            entry["target"] = _encode_target(node.target)
+        elif node.op == "call_module":
+            entry["target"] = node.target
+            modules[node.target] = _module_spec(node.target, gm.get_submodule(node.target))
+        else:
+            entry["target"] = node.target
+        nodes.append(entry)
+    return nodes, modules
+
+
+def check_saveable(gm: torch.fx.GraphModule) -> None:
+    """Raise ``TypeError`` (saying which node or module) if :func:`save` could not store ``gm``'s graph.
+
+    Pruning never changes the graph, so checking the traced model first avoids losing a long run at the end.
+    """
+    _encode_graph(gm)
+
+
 def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
     """Write ``gm`` compressed to ``path``.
 
@@ -257,21 +287,9 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
     Example:
         >>> sgfx.save(gm, "model.sgfx"); gm2 = sgfx.load("model.sgfx")  # doctest: +SKIP
     """
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"sgfx.save takes a torch.fx.GraphModule, got {type(gm).__name__}")
+    nodes, modules = _encode_graph(gm)
     report = gm.meta.get(REPORT_KEY)
     pruned = {r.weight_name: r.pattern for r in report.layers if r.pruned} if report else {}
-    nodes, modules = [], {}
-    for node in gm.graph.nodes:
-        entry = {"op": node.op, "name": node.name, "args": _encode_arg(node.args), "kwargs": _encode_arg(node.kwargs)}
-        if node.op == "call_function":
-            entry["target"] = _encode_target(node.target)
-        elif node.op == "call_module":
-            entry["target"] = node.target
-            modules[node.target] = _module_spec(node.target, gm.get_submodule(node.target))
-        else:
-            entry["target"] = node.target
-        nodes.append(entry)
     tensors, entries = {}, {}
     state = dict(gm.named_parameters(remove_duplicate=False))
     state.update(gm.named_buffers(remove_duplicate=False))

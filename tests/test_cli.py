@@ -21,6 +21,22 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 SGFX = shutil.which("sgfx")
 
 
+def halve(x):  # a plain Python function: traced as a call that an .sgfx file may not store
+    return x * 0.5
+
+
+torch.fx.wrap("halve")
+
+
+class Unsaveable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return halve(self.conv(x))
+
+
 class Tiny(nn.Module):
     def __init__(self, classes=3):
         super().__init__()
@@ -255,3 +271,15 @@ def test_progress_bar_counts_layers_on_a_terminal(monkeypatch, gen):
     sgfx.sparsify(Tiny().eval(), torch.randn(8, 3, 8, 8, generator=gen), "2:4", progress=True, callback=seen.append)
     assert [r.name for r in seen] == ["conv2", "fc"]  # the user's callback still runs
     assert "sgfx: pruning" in screen.getvalue() and "2/2" in screen.getvalue()
+
+
+def test_unsaveable_model_fails_before_pruning(workspace, tmp_path, capsys, monkeypatch):
+    root, _ = workspace
+    torch.save(Unsaveable(), tmp_path / "u.pt")
+    pruned = []
+    monkeypatch.setattr(sgfx.api, "sparsify", lambda *a, **k: pruned.append(1))
+    assert cli.main(["sparsify", str(tmp_path / "u.pt"), "--trust-pickle", "--calib", str(root / "images"),
+                     "--size", "16", "-o", str(tmp_path / "u.sgfx")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be stored as .sgfx, so it is not pruned" in err and "halve" in err
+    assert pruned == [] and not (tmp_path / "u.sgfx").exists()

@@ -194,7 +194,8 @@ def test_unsupported_submodule_cannot_be_saved(tmp_path, gen):
 def test_aten_targets_round_trip_and_nothing_else_resolves():
     from sgfx.serialization import SgfxFormatError, _encode_target, _resolve_target
 
-    for op in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default, torch.ops.aten.batch_norm.default):
+    for op in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default, torch.ops.aten.batch_norm.default,
+               torch._assert):
         assert _resolve_target(_encode_target(op)) is op
     for name in ("no_such_op.default", "conv2d.no_such_overload", "conv2d", "conv2d.default.extra"):
         with pytest.raises(SgfxFormatError, match="not allowed"):
