@@ -9,6 +9,7 @@ Example:
 from .api import calibration_batches, sparsify
 from .check import PatternCheck, check_pattern
 from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
+from .finetune import finetune
 from .lowering import ExportError, OnnxExportReport, check_onnx_sparsity, export_onnx, lower
 from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune, wanda_prune
 from .passes.sequential_prune import CalibrationError
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sparsify",
+    "finetune",
     "calibration_batches",
     "report",
     "get_report",

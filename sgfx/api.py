@@ -14,9 +14,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from .config import SparsifyConfig
+from .config import Pattern, SparsifyConfig, Unstructured
 from .layers import PrunableLayer
-from .obs import FactorizationError, dense_target_weight, magnitude_prune, sparsegpt_prune, wanda_prune
+from .obs import (FactorizationError, dense_target_weight, error_terms, magnitude_prune, sparsegpt_prune,
+                  wanda_prune)
+from .passes.allocation import plan as plan_allocation
 from .passes.bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
 from .passes.channel_permutation import permute_channels as permute_channel_groups
 from .passes.sequential_prune import SequentialPruner, find_prunable_layers, match_skip
@@ -29,7 +31,8 @@ __all__ = ["sparsify", "calibration_batches"]
 logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args",
+_OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args", "allocation",
+                 "budget", "target",
                  "bn_reestimate", "dense_targets", "augment", "stats_correction", "permute_channels")
 
 
@@ -114,13 +117,8 @@ def _relative_error(layer: PrunableLayer, inputs: list[torch.Tensor], dense: tor
 def _relative_error_from_hessians(dense: list[torch.Tensor], pruned: list[torch.Tensor],
                                   hessians: list[torch.Tensor]) -> float:
     """The same ratio as ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` per group: cheaper than forwards when cols < samples."""
-    num = den = 0.0
-    for w, w_hat, h in zip(dense, pruned, hessians):
-        h = h.to(w_hat.dtype)
-        w = w.to(w_hat.dtype)
-        delta = w - w_hat  # (rows, cols)
-        num += float(((delta @ h) * delta).sum(dtype=torch.float64))
-        den += float(((w @ h) * w).sum(dtype=torch.float64))
+    terms = [error_terms(w, w_hat, h) for w, w_hat, h in zip(dense, pruned, hessians)]
+    num, den = sum(t[0] for t in terms), sum(t[1] for t in terms)
     return num / den if den > 0 else 0.0
 
 
@@ -146,10 +144,15 @@ def _dense_target_shifts(layer: PrunableLayer, inputs: list[torch.Tensor], dense
 class _LayerPruner:
     """The per-layer step called by the SequentialPruner: Hessian, solve, write-back, record."""
 
-    def __init__(self, config: SparsifyConfig, records: dict[str, LayerRecord], callback):
+    def __init__(self, config: SparsifyConfig, records: dict[str, LayerRecord], callback,
+                 patterns: dict[str, Pattern] | None = None):
         self.config = config
         self.records = records
         self.callback = callback
+        self.patterns = patterns or {}  # per-layer patterns chosen by an allocation; else config.sparsity
+
+    def pattern(self, layer: PrunableLayer) -> Pattern:
+        return self.patterns.get(layer.name, self.config.sparsity)
 
     @staticmethod
     def _statistics(layer: PrunableLayer, inputs: list[torch.Tensor], device, record: LayerRecord, start: float,
@@ -183,8 +186,8 @@ class _LayerPruner:
         del shifts
         keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forward passes
         results = [
-            sparsegpt_prune(w, h, config.sparsity, config.blocksize, config.percdamp, config.max_damping_retries,
-                            overwrite_hessian=not keep_hessians)
+            sparsegpt_prune(w, h, self.pattern(layer), config.blocksize, config.percdamp,
+                            config.max_damping_retries, overwrite_hessian=not keep_hessians)
             for w, h in zip(targets, hessians)
         ]
         if keep_hessians:
@@ -205,10 +208,10 @@ class _LayerPruner:
         matrices = [m.to(device) for m in layer.solve_matrices()]
         try:
             if config.method == "magnitude":
-                results = [magnitude_prune(w, config.sparsity) for w in matrices]
+                results = [magnitude_prune(w, self.pattern(layer)) for w in matrices]
             elif config.method == "wanda":
                 norms, _ = self._statistics(layer, inputs, device, record, start, diagonal_only=True)
-                results = [wanda_prune(w, d, config.sparsity) for w, d in zip(matrices, norms)]
+                results = [wanda_prune(w, d, self.pattern(layer)) for w, d in zip(matrices, norms)]
             else:
                 results = self._sparsegpt(layer, inputs, dense_inputs, matrices, device, record, start)
         except FactorizationError as exc:
@@ -284,6 +287,9 @@ def sparsify(
     augment: str | None = None,
     stats_correction: str | bool | None = None,
     permute_channels: bool | None = None,
+    allocation: str | None = None,
+    budget: float | None = None,
+    target: str | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
     progress: bool = False,
 ) -> torch.fx.GraphModule:
@@ -318,6 +324,12 @@ def sparsify(
             layers at a few hundred images), are left alone.
         permute_channels: reorder the channels between each producer layer and its consumers (function unchanged)
             so that the N:M groups keep more saliency, before calibration (default: on for N:M patterns).
+        allocation: ``"uniform"`` (default: every layer at ``sparsity``) or ``"global"`` (unstructured: per-layer
+            levels from measured error curves, exactly ``sparsity`` of all prunable weights or FLOPs; with
+            ``method="magnitude"`` one global |w| threshold). The report gives each layer's level.
+        budget: N:M only: prune to the pattern the layers covering at least this fraction of the prunable weights
+            (or FLOPs); the layers whose N:M error is largest stay dense (default: all eligible layers).
+        target: ``"weights"`` (default) or ``"flops"``: what ``allocation`` and ``budget`` count.
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
         progress: show a progress bar over the layers (tqdm, on stderr; off when stderr is not a terminal).
 
@@ -335,6 +347,7 @@ def sparsify(
         >>> print(sgfx.report(gm))  # doctest: +SKIP
     """
     options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args,
+                                       allocation, budget, target,
                                        bn_reestimate, dense_targets, augment, stats_correction,
                                        permute_channels)))
     config = _resolve_config(sparsity, options)
@@ -401,6 +414,19 @@ def sparsify(
                 {"producer": g.name, "consumers": [str(c.target) for c in g.consumers],
                  "channels": len(g.permutation), "kept_before": g.kept_before, "kept_after": g.kept_after}
                 for g in groups]
+        patterns = {}
+        if config.allocation == "global" or config.budget is not None:
+            patterns, kept_dense, result.allocation = plan_allocation(gm, batches, to_prune, config)
+            for node, layer in list(to_prune.items()):
+                record = records[layer.name]
+                if layer.name in kept_dense:
+                    record.reason = kept_dense[layer.name]
+                    del to_prune[node]
+                else:
+                    pattern = patterns[layer.name]
+                    record.pattern = f"{pattern.sparsity:.1%} unstructured" if isinstance(pattern, Unstructured) \
+                        else str(pattern)
+                record.level = float(patterns[layer.name].sparsity) if layer.name in patterns else 0.0
         hooks, batchnorms = {}, {}
         if config.bn_reestimate is not False:
             batchnorms = batchnorms_after_pruned(gm, set(to_prune))
@@ -410,7 +436,7 @@ def sparsify(
         # the unpruned model, run in lockstep
         dense = copy.deepcopy(gm) if config.dense_targets or corrections else None
         with torch.no_grad(), _progress_bar(progress, len(to_prune), callback) as on_layer:
-            SequentialPruner(gm, to_prune, _LayerPruner(config, records, on_layer), hooks, dense,
+            SequentialPruner(gm, to_prune, _LayerPruner(config, records, on_layer, patterns), hooks, dense,
                              corrections).run_batches(batches)
         del dense
     _restore_dtypes(gm, original_dtypes)

@@ -26,6 +26,8 @@ __all__ = [
 METHODS = ("sparsegpt", "magnitude", "wanda")
 AUGMENTATIONS = (None, "hflip")
 STATS_CORRECTIONS = ("off", "mean", "mean_std")
+ALLOCATIONS = ("uniform", "global")
+TARGETS = ("weights", "flops")
 
 # What ``None`` (the default) resolves to: the best combination measured on the seed models (docs/RESULTS.md).
 DEFAULT_DENSE_TARGETS = True  # for method="sparsegpt"
@@ -158,6 +160,12 @@ class SparsifyConfig:
         permute_channels: before calibration, reorder the channels between each prunable producer and its
             consumers (found through the graph; the function is unchanged) so that N:M groups keep more saliency.
             N:M patterns only. ``None``: on for N:M patterns.
+        allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"global"`` (unstructured only: per-layer levels
+            chosen from measured error curves so that ``sparsity`` of all prunable weights, or FLOPs, is pruned;
+            with ``method="magnitude"``, one global |w| threshold).
+        budget: N:M only: the fraction of prunable weights (or FLOPs) that must be N:M; the layers whose N:M
+            error is largest stay dense (``None``: every eligible layer is N:M).
+        target: what ``allocation="global"`` and ``budget`` count: ``"weights"`` or ``"flops"`` (multiply-adds).
 
     ``None`` options resolve, on construction, to the best combination measured on the seed models
     (``docs/RESULTS.md``); the stored config holds the resolved values.
@@ -181,6 +189,9 @@ class SparsifyConfig:
     augment: str | None = None
     stats_correction: str | bool | None = None
     permute_channels: bool | None = None
+    allocation: str = "uniform"
+    budget: float | None = None
+    target: str = "weights"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -239,6 +250,20 @@ class SparsifyConfig:
             raise ValueError(f"permute_channels needs an N:M pattern (it regroups channels), got {self.sparsity}")
         if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:
             raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
+        if self.allocation == "global" and not isinstance(self.sparsity, Unstructured):
+            raise ValueError(f"allocation='global' chooses unstructured levels per layer; for {self.sparsity} use "
+                             "budget=... (which layers are N:M and which stay dense)")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+                raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}")
+            if not isinstance(self.sparsity, NMPattern):
+                raise ValueError("budget applies to N:M patterns (which layers are N:M); for unstructured sparsity "
+                                 "use allocation='global'")
+            set_("budget", float(self.budget))
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; accepted: {', '.join(TARGETS)}")
 
     def replace(self, **changes: Any) -> "SparsifyConfig":
         """A copy with some fields changed (validated again)."""

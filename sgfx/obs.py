@@ -26,7 +26,7 @@ from .config import NMPattern, Pattern, Unstructured
 
 __all__ = [
     "SolveResult", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
-    "dense_target_weight",
+    "dense_target_weight", "sparsegpt_error_curve", "relative_error", "error_terms",
 ]
 
 
@@ -253,8 +253,7 @@ def sparsegpt_prune(
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
-    if isinstance(pattern, NMPattern) and (cols % pattern.m or blocksize % pattern.m):
-        raise ValueError(f"columns ({cols}) and blocksize ({blocksize}) must be multiples of M={pattern.m}")
+    _check_blocks(pattern, cols, blocksize)
     original = weight.to(dtype=dtype, copy=True)  # (rows, cols) W0
     hess = hessian.to(dtype=dtype, copy=not overwrite_hessian)  # (cols, cols); rotated in place below
     original[:, _mark_dead_columns_(hess)] = 0.0  # columns whose input is always zero
@@ -262,7 +261,23 @@ def sparsegpt_prune(
     lower, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)  # L
     factor_s = time.perf_counter() - started  # exact on CPU; cholesky_ex's info check synchronises CUDA too
     del hess
+    final, pruned, loss = _sweep(original, lower, pattern, blocksize)
+    return SolveResult(final, pruned, loss, damping, retries, factor_s)
 
+
+def _check_blocks(pattern: Pattern, cols: int, blocksize: int) -> None:
+    if isinstance(pattern, NMPattern) and (cols % pattern.m or blocksize % pattern.m):
+        raise ValueError(f"columns ({cols}) and blocksize ({blocksize}) must be multiples of M={pattern.m}")
+
+
+def _sweep(original: torch.Tensor, lower: torch.Tensor, pattern: Pattern,
+           blocksize: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The OBS sweep over column blocks, given the factor ``lower`` of the damped, reversed Hessian.
+
+    Returns (final weights, pruned mask, OBS loss).
+    """
+    rows, cols = original.shape
+    dtype = original.dtype
     # Visited columns never change again, so the compensated weights of block B before it is visited are
     #   W[:, B] = W0[:, B] + (W0 - Q)[:, :start] · V[:start, B] · V[B, B]⁻¹
     # with Q the final (pruned, compensated) weights: one GEMM per block plays SparseGPT's lazy update.
@@ -291,7 +306,41 @@ def sparsegpt_prune(
         final[:, start:stop] = w_block
         torch.sub(original[:, start:stop], w_block, out=delta[:, start:stop])
         pruned[:, start:stop] = mask
-    return SolveResult(final, pruned, float(loss), damping, retries, factor_s)
+    return final, pruned, float(loss)
+
+
+def error_terms(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
+    """``(tr(ΔW H ΔWᵀ), tr(W H Wᵀ))`` with ΔW = W − Ŵ: ‖WX − ŴX‖² and ‖WX‖² on the inputs H was built from."""
+    h = hessian.to(pruned.dtype)
+    weight = weight.to(pruned.dtype)
+    delta = weight - pruned
+    return (float(((delta @ h) * delta).sum(dtype=torch.float64)),
+            float(((weight @ h) * weight).sum(dtype=torch.float64)))
+
+
+def relative_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: the layer's relative reconstruction error ‖WX − ŴX‖²/‖WX‖² on its inputs."""
+    num, den = error_terms(weight, pruned, hessian)
+    return num / den if den > 0 else 0.0
+
+
+def sparsegpt_error_curve(weight: torch.Tensor, hessian: torch.Tensor, patterns: list[Pattern],
+                          blocksize: int = 128, percdamp: float = 0.01, max_damping_retries: int = 6,
+                          dtype: torch.dtype = torch.float32) -> tuple[list[tuple[float, float]], int]:
+    """SparseGPT's reconstruction error at each pattern, factoring ``hessian`` once: for each pattern the
+    :func:`error_terms` ``(‖WX − ŴX‖², ‖WX‖²)``, and the damping retries.
+
+    Rows are solved independently, so ``weight`` may be a subset of a layer's rows.
+    """
+    _, cols = weight.shape
+    for pattern in patterns:
+        _check_blocks(pattern, cols, blocksize)
+    original = weight.to(dtype=dtype, copy=True)
+    hess = hessian.to(dtype=dtype, copy=True)
+    original[:, _mark_dead_columns_(hess)] = 0.0
+    lower, _, retries = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)
+    del hess
+    return [error_terms(original, _sweep(original, lower, p, blocksize)[0], hessian) for p in patterns], retries
 
 
 def _prune_lowest(weight: torch.Tensor, scores: torch.Tensor, pattern: Pattern, per_row: bool,

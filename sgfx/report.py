@@ -35,6 +35,7 @@ class LayerRecord:
     damping_retries: int = 0
     weight_name: str = ""  # qualified name of the weight tensor in the GraphModule
     dense_targets: bool = False  # fitted to the dense model's outputs (dense_targets=True and samples >= columns)
+    level: float | None = None  # the sparsity an allocation or budget chose for this layer (None: uniform)
 
     @property
     def pruned(self) -> bool:
@@ -53,6 +54,7 @@ class SparsityReport:
     stats_corrected: list[str] = field(default_factory=list)  # layers whose output statistics were corrected
     permuted: list[dict] = field(default_factory=list)  # channel groups reordered before pruning (producer, ...)
     lowering: list[Any] = field(default_factory=list)  # LoweringDecision per layer, once sgfx.lower ran
+    allocation: dict[str, Any] = field(default_factory=dict)  # allocation/budget: kind, target, achieved, search_s
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]
@@ -77,6 +79,9 @@ class SparsityReport:
             + (f"; {len(self.bn_reestimated)} BatchNorm statistics re-estimated" if self.bn_reestimated else "")
             + (f"; {len(self.stats_corrected)} layers' output statistics corrected" if self.stats_corrected else "")
             + (f"; channels of {len(self.permuted)} layers permuted" if self.permuted else "")
+            + (f"; {self.allocation['kind']} allocation: {self.allocation['achieved']:.2%} of prunable "
+               f"{self.allocation['target']} " + ("in N:M layers" if self.allocation["kind"] == "budget" else "pruned")
+               + f", search {self.allocation['search_s']:.1f} s" if self.allocation else "")
         )
         return summary + "\n" + tabulate(rows, headers=headers, tablefmt=tablefmt)
 

@@ -1,0 +1,130 @@
+"""Masked fine-tuning of a sparsified model: recover accuracy while every pruned weight stays exactly zero.
+
+Optional: the one-shot model from :func:`sgfx.sparsify` is the product; this is the step after it for users who
+have training data and an epoch to spend. The zeros are kept by masking each pruned weight's gradient before every
+optimizer step (so momentum and Adam's moments never move them) and re-applying the mask after it (so weight decay,
+or any optimizer, cannot either).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import fetch_tensor
+from .report import REPORT_KEY
+
+__all__ = ["finetune", "pruned_masks"]
+
+logger = logging.getLogger(__name__)
+
+
+def pruned_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{weight name: bool mask of the entries to keep}`` for every layer the sgfx report lists as pruned."""
+    report = getattr(model, "meta", {}).get(REPORT_KEY) if isinstance(getattr(model, "meta", None), dict) else None
+    if report is None:
+        raise ValueError("finetune keeps sgfx's sparsity: pass the model returned by sgfx.sparsify or sgfx.load")
+    return {r.weight_name: fetch_tensor(model, r.weight_name).detach() != 0 for r in report.pruned_layers}
+
+
+def _batches(loader: Iterable[Any]):
+    for index, item in enumerate(loader):
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], torch.Tensor)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"finetune batch {index}: expected (input, target) tensors, got {type(item).__name__}")
+        yield item[0], item[1]
+
+
+def finetune(model: nn.Module, train_loader: Iterable[Any], epochs: int = 1, *, lr: float = 0.01,
+             momentum: float = 0.9, weight_decay: float = 5e-4, distill: nn.Module | None = None,
+             temperature: float = 4.0, alpha: float = 0.5, max_steps: int | None = None,
+             device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
+    """Fine-tune a sparsified model with SGD (Nesterov momentum, cosine learning rate), keeping its zeros.
+
+    Args:
+        model: the GraphModule from :func:`sgfx.sparsify` (not modified: a copy is trained).
+        train_loader: an iterable of ``(input, target)`` batches (a ``DataLoader`` over a labelled dataset),
+            iterated once per epoch.
+        epochs: passes over ``train_loader``.
+        lr: peak learning rate (cosine-decayed to 0 over the run).
+        momentum, weight_decay: SGD's.
+        distill: the dense model to distil from (its softened outputs at ``temperature``), or None.
+        temperature: distillation temperature.
+        alpha: weight of the distillation loss; ``1 − alpha`` goes to cross-entropy with the targets.
+        max_steps: stop after this many optimizer steps (default: ``epochs`` full passes).
+        device: where to train (default: where the model is).
+        progress: a tqdm bar over the steps with the running loss (off when stderr is not a terminal).
+
+    Returns:
+        A new module in eval mode with the same zeros; its report is the input's.
+
+    Example:
+        >>> ft = sgfx.finetune(gm, train_loader, epochs=1, distill=model)  # doctest: +SKIP
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if lr <= 0 or temperature <= 0:
+        raise ValueError(f"lr and temperature must be positive, got lr={lr!r}, temperature={temperature!r}")
+    masks = pruned_masks(model)
+    student = copy.deepcopy(model)
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    student.to(device).train()
+    teacher = None if distill is None else copy.deepcopy(distill).to(device).eval()
+    masks = {name: mask.to(device) for name, mask in masks.items()}
+    weights = {name: student.get_parameter(name) for name in masks}
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                nesterov=momentum > 0)
+    try:
+        per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = None
+    total = max_steps or (per_epoch * epochs if per_epoch is not None else None)
+    schedule = None if total is None else torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="sgfx: fine-tuning", unit="step", disable=None if progress else True)
+    steps = 0
+    try:
+        for _ in range(epochs):
+            for inputs, targets in _batches(train_loader):
+                inputs, targets = inputs.to(device), targets.to(device)
+                logits = student(inputs)
+                loss = F.cross_entropy(logits, targets)
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = F.log_softmax(teacher(inputs) / temperature, dim=-1)
+                    kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft, reduction="batchmean",
+                                  log_target=True) * temperature ** 2
+                    loss = (1 - alpha) * loss + alpha * kd
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.no_grad():
+                    for name, weight in weights.items():
+                        if weight.grad is not None:
+                            weight.grad.mul_(masks[name])
+                optimizer.step()
+                with torch.no_grad():
+                    for name, weight in weights.items():
+                        weight.mul_(masks[name])
+                if schedule is not None:
+                    schedule.step()
+                steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+                if max_steps is not None and steps >= max_steps:
+                    break
+            if max_steps is not None and steps >= max_steps:
+                break
+    finally:
+        bar.close()
+    logger.info("fine-tuned %d steps", steps)
+    return student.eval()
