@@ -143,7 +143,8 @@ def _sparsify(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # each such layer is in the report
         gm = api.sparsify(traced, calib, args.pattern, method=args.method, skip=args.skip or None,
-                          device=args.device, progress=not args.quiet)
+                          device=args.device, allocation=args.allocation, budget=args.budget, target=args.target,
+                          progress=not args.quiet)
     del calib
     sizes = serialization.save(gm, args.output)
     _print_report(get_report(gm), args.json)
@@ -251,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(p, "--calib", "how many calibration images to draw (default: all; a few hundred are enough)")
     p.add_argument("--pattern", type=_pattern, default="2:4", help='"N:M" or a fraction such as 0.5 (default 2:4)')
     p.add_argument("--method", choices=METHODS, default=None, help="default sparsegpt")
+    p.add_argument("--allocation", choices=["uniform", "global"], default=None,
+                   help="global: per-layer levels for an unstructured fraction (default uniform)")
+    p.add_argument("--budget", type=float, help="N:M on layers covering at least this fraction; the rest dense")
+    p.add_argument("--target", choices=["weights", "flops"], default=None, help="what --allocation/--budget count")
     p.add_argument("--skip", nargs="+", help="layer names or globs kept dense")
     p.add_argument("--device", help="where the solves run, e.g. cuda")
     p.add_argument("-o", "--output", required=True, help="the .sgfx file to write")

@@ -37,6 +37,25 @@ def test_allocation_is_the_brute_force_optimum_and_exact():
     assert got <= uniform + 1e-12 and chosen["b"] < 0.5 < chosen["c"]  # the sensitive layer gets less
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.9])
+def test_allocation_never_estimated_worse_than_uniform(gen, fraction):
+    """Layers from 10^3 to 10^6 weights: rounding each layer to the DP's cost grid leaves a gap of thousands of
+    weights, which the exact fill must spread along the curves (once it pushed small layers to 98 %)."""
+    grid = candidate_levels(fraction)
+    sizes = [int(s) for s in torch.logspace(3, 6, 20).tolist()]
+    curves, costs = {}, {}
+    for i, size in enumerate(sizes):
+        scale = float(torch.rand((), generator=gen)) * 2 + 0.1
+        errors = [min(0.99, scale * lv ** 3) for lv in grid]
+        curves[f"l{i}"] = Sensitivity(grid, tuple(-math.log1p(-e) for e in errors))
+        costs[f"l{i}"] = LayerCost(size, size)
+    chosen = allocate(curves, costs, fraction)
+    assert sum(round(chosen[n] * costs[n].weights) for n in costs) == round(fraction * sum(sizes))
+    allocated = sum(curves[n].error_at(chosen[n]) for n in costs)
+    uniform = sum(curves[n].error_at(fraction) for n in costs)
+    assert allocated <= uniform + 1e-9
+
+
 def test_flops_target_counts_multiply_adds():
     levels = candidate_levels(0.6)  # the grid plan() measures: 0, the fixed levels and the uniform level
     curves = {n: _curve(levels, 1.0) for n in "ab"}

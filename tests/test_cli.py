@@ -162,6 +162,18 @@ def test_model_sources_and_their_transforms(tmp_path, capsys):
     assert timm_model.model.get_classifier().out_features == 5
 
 
+def test_allocation_flags(workspace, tmp_path):
+    root, _ = workspace
+    out = tmp_path / "g.sgfx"
+    assert cli.main(["-q", "sparsify", str(root / "tiny.pt2"), "--calib", str(root / "images"), "--size", "16",
+                     "--pattern", "0.6", "--allocation", "global", "--method", "magnitude", "-o", str(out)]) == 0
+    report = sgfx.get_report(sgfx.load(out))
+    levels = {r.name: r.level for r in report.layers}
+    assert all(level is not None for level in levels.values()) and len(set(levels.values())) > 1
+    with pytest.raises(SystemExit):
+        cli.main(["sparsify", "m.pt2", "--calib", "x", "-o", "y", "--target", "params"])
+
+
 def test_torchscript_and_pickled_sources(workspace, tmp_path, capsys):
     root, model = workspace
     torch.jit.trace(model, torch.randn(2, 3, 16, 16)).save(tmp_path / "tiny.ts")

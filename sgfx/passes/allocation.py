@@ -92,7 +92,8 @@ def candidate_levels(fraction: float) -> tuple[float, ...]:
     return tuple(sorted({0.0, *_GRID, round(fraction, 6)}))
 
 
-def layer_costs(gm: torch.fx.GraphModule, batch: torch.Tensor, layers: dict[Node, PrunableLayer]) -> dict[str, LayerCost]:
+def layer_costs(gm: torch.fx.GraphModule, batch: torch.Tensor,
+                layers: dict[Node, PrunableLayer]) -> dict[str, LayerCost]:
     """Weights and multiply-adds per image of each layer, from the shapes of one image run through the graph."""
     ShapeProp(gm).propagate(batch[:1])
     costs = {}
@@ -123,23 +124,23 @@ class _Measurer:
         for matrix, hessian in zip(layer.solve_matrices(), hessians):
             matrix = matrix.to(device)
             rows = torch.linspace(0, matrix.shape[0] - 1, min(_ROWS, matrix.shape[0])).round().long().unique()
-            sample = matrix[rows.to(device)]
-            for i, terms in enumerate(self._terms(sample, hessian)):  # summed over groups, then divided
-                num[i] += terms[0]
-                den[i] += terms[1]
-            retries = max(retries, self._retries)
+            terms, group_retries = self._terms(matrix[rows.to(device)], hessian)
+            for i, (group_num, group_den) in enumerate(terms):  # summed over groups, then divided
+                num[i] += group_num
+                den[i] += group_den
+            retries = max(retries, group_retries)
         self.curves[layer.name] = ([n / d if d > 0 else 0.0 for n, d in zip(num, den)], retries)
 
-    def _terms(self, sample: torch.Tensor, hessian: torch.Tensor) -> list[tuple[float, float]]:
-        config, self._retries = self.config, 0
+    def _terms(self, sample: torch.Tensor, hessian: torch.Tensor) -> tuple[list[tuple[float, float]], int]:
+        """Error terms of the rows ``sample`` at each pattern, and the damping retries the solve needed."""
+        config = self.config
         if config.method == "sparsegpt":
-            terms, self._retries = sparsegpt_error_curve(sample, hessian, self.patterns, config.blocksize,
-                                                         config.percdamp, config.max_damping_retries)
-            return terms
+            return sparsegpt_error_curve(sample, hessian, self.patterns, config.blocksize, config.percdamp,
+                                         config.max_damping_retries)
         if config.method == "wanda":
             return [error_terms(sample, wanda_prune(sample, hessian.diagonal(), p).weight, hessian)
-                    for p in self.patterns]
-        return [error_terms(sample, magnitude_prune(sample, p).weight, hessian) for p in self.patterns]
+                    for p in self.patterns], 0
+        return [error_terms(sample, magnitude_prune(sample, p).weight, hessian) for p in self.patterns], 0
 
 
 def measure_sensitivity(gm: torch.fx.GraphModule, batches: list[torch.Tensor], layers: dict[Node, PrunableLayer],
@@ -152,9 +153,10 @@ def measure_sensitivity(gm: torch.fx.GraphModule, batches: list[torch.Tensor], l
     return measurer.curves
 
 
-def _dp(options: list[list[tuple[int, float]]], pick_min: bool, capacity: int) -> tuple[list[int], list[float]]:
+def _dp(options: list[list[tuple[int, float]]], pick_min: bool,
+        capacity: int) -> tuple[list[list[int]], list[float]]:
     """Exact-cost dynamic program: ``best[c]`` is the min (or max) total value over one option per item whose
-    integer costs sum to exactly c <= capacity; returns (choice table flattened per item, best)."""
+    integer costs sum to exactly c <= capacity; returns (per item, the option chosen at each total; best)."""
     worst = math.inf if pick_min else -math.inf
     best = [worst] * (capacity + 1)
     best[0] = 0.0
@@ -325,6 +327,7 @@ def plan(gm: torch.fx.GraphModule, batches: list[torch.Tensor], layers: dict[Nod
     summary = {"target": config.target, "levels": {}}
     patterns: dict[str, Pattern] = {}
     dense: dict[str, str] = {}
+    curves = {}
     if isinstance(config.sparsity, NMPattern):
         curves = measure_sensitivity(gm, batches, layers, config, [config.sparsity])
         errors = {n: curves[n][0][0] for n in by_name}
@@ -356,7 +359,8 @@ def plan(gm: torch.fx.GraphModule, batches: list[torch.Tensor], layers: dict[Nod
         achieved = sum(cost[n] for n in patterns) / sum(cost.values())
     else:  # the share of the prunable cost that is pruned
         achieved = sum(cost[n] * patterns[n].sparsity for n in patterns) / sum(cost.values())
-    summary.update(achieved=achieved, search_s=time.perf_counter() - started)
+    summary.update(achieved=achieved, search_s=time.perf_counter() - started,
+                   damping_retries={n: curve[1] for n, curve in curves.items() if curve[1]})
     logger.info("allocation (%s): %.4f of the %s pruned, search %.1f s", summary["kind"], summary["achieved"],
                 config.target, summary["search_s"])
     return patterns, dense, summary
