@@ -12,8 +12,8 @@ Protocol of docs/RESULTS.md: the shared checkpoints, 256 calibration images from
 - ``allocated``: ``allocation="global"`` (unstructured) or ``budget=0.9`` (2:4: the most sensitive layers, up to
   10 % of the prunable weights, stay dense).
 
-Then one epoch of ``sgfx.finetune`` (distilled from the dense model, random crop + flip) from the allocated 80 %
-point of each model, timed. Needs ../shared (checkpoints and data); says so and exits otherwise.
+Then ``sgfx.finetune`` (distilled from the dense model, random crop + flip, batch 128; one epoch is 391 steps, or
+``--finetune-steps``) from the allocated 80 % point of each model, timed. Needs ../shared (checkpoints and data); says so and exits otherwise.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 finetuned_from.get_parameter(r.weight_name) == 0] == 0).all())
                 for r in sgfx.get_report(finetuned_from).pruned_layers)
             accuracy = common.evaluate(tuned, test_set)
-            row = {"model": name, "level": "80% unstructured", "variant": "allocated + 1 epoch fine-tune",
+            steps = len(Epoch(train_set, 128)) if args.finetune_steps < 0 else args.finetune_steps
+            row = {"model": name, "level": "80% unstructured", "variant": f"allocated + fine-tune ({steps} steps)",
                    "dense": round(dense, 2), "accuracy": round(accuracy, 2), "drop": round(dense - accuracy, 2),
                    "sparsify_s": round(elapsed, 1), "zeros_kept": zeros_kept}
             rows.append(row)
