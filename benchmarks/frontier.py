@@ -144,19 +144,19 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
     models = sorted({r["model"] for r in rows})
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    markers = {"magnitude+BN": "s", "uniform": "o", "allocated": "^"}
+    markers = {"magnitude+BN": ("s", "tab:blue"), "uniform": ("o", "tab:orange"), "allocated": ("^", "tab:green")}
     for ax, name in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == name]
-        for variant, marker in markers.items():
+        for variant, (marker, color) in markers.items():
             points = sorted((float(r["level"].split("%")[0]) / 100, r["accuracy"]) for r in mine
                             if r["variant"] == variant and "unstructured" in r["level"])
             if points:
-                ax.plot(*zip(*points), marker=marker, label=f"{variant} (unstructured)")
+                ax.plot(*zip(*points), marker=marker, color=color, label=f"{variant} (unstructured)")
             for r in mine:
                 if r["variant"] == variant and ":" in r["level"]:
                     n, m = map(int, r["level"].split(":"))
-                    ax.scatter([1 - n / m], [r["accuracy"]], marker=marker, s=70, edgecolors="black",
-                               facecolors="none")
+                    ax.scatter([1 - n / m], [r["accuracy"]], marker=marker, s=70, edgecolors=color,
+                               facecolors="none", label=f"{variant} (N:M)" if r["level"] == "2:4" else None)
                     ax.annotate(r["level"], (1 - n / m, r["accuracy"]), textcoords="offset points", xytext=(4, 4),
                                 fontsize=7)
         ax.axhline(mine[0]["dense"], color="gray", linestyle="--", label="dense")
