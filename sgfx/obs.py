@@ -309,13 +309,16 @@ def _sweep(original: torch.Tensor, lower: torch.Tensor, pattern: Pattern,
     return final, pruned, float(loss)
 
 
+def _energy(matrix: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(M H Mᵀ)``: ‖MX‖² on the inputs H was built from (up to H's 2/n scale)."""
+    return float(((matrix @ hessian) * matrix).sum(dtype=torch.float64))
+
+
 def error_terms(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
     """``(tr(ΔW H ΔWᵀ), tr(W H Wᵀ))`` with ΔW = W − Ŵ: ‖WX − ŴX‖² and ‖WX‖² on the inputs H was built from."""
     h = hessian.to(pruned.dtype)
     weight = weight.to(pruned.dtype)
-    delta = weight - pruned
-    return (float(((delta @ h) * delta).sum(dtype=torch.float64)),
-            float(((weight @ h) * weight).sum(dtype=torch.float64)))
+    return _energy(weight - pruned, h), _energy(weight, h)
 
 
 def relative_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -340,7 +343,9 @@ def sparsegpt_error_curve(weight: torch.Tensor, hessian: torch.Tensor, patterns:
     original[:, _mark_dead_columns_(hess)] = 0.0
     lower, _, retries = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)
     del hess
-    return [error_terms(original, _sweep(original, lower, p, blocksize)[0], hessian) for p in patterns], retries
+    h = hessian.to(dtype)
+    signal = _energy(original, h)  # tr(W H Wᵀ): the same for every pattern
+    return [(_energy(original - _sweep(original, lower, p, blocksize)[0], h), signal) for p in patterns], retries
 
 
 def _prune_lowest(weight: torch.Tensor, scores: torch.Tensor, pattern: Pattern, per_row: bool,
