@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import fetch_tensor
-from .report import REPORT_KEY
+from .report import find_report
 
 __all__ = ["finetune", "pruned_masks"]
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def pruned_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{weight name: bool mask of the entries to keep}`` for every layer the sgfx report lists as pruned."""
-    report = getattr(model, "meta", {}).get(REPORT_KEY) if isinstance(getattr(model, "meta", None), dict) else None
+    report = find_report(model)
     if report is None:
         raise ValueError("finetune keeps sgfx's sparsity: pass the model returned by sgfx.sparsify or sgfx.load")
     return {r.weight_name: fetch_tensor(model, r.weight_name).detach() != 0 for r in report.pruned_layers}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-__all__ = ["LayerRecord", "SparsityReport", "get_report", "report", "REPORT_KEY"]
+__all__ = ["LayerRecord", "SparsityReport", "find_report", "get_report", "report", "REPORT_KEY"]
 
 REPORT_KEY = "sgfx_report"  # key in GraphModule.meta (copied by deepcopy)
 
@@ -87,6 +87,12 @@ class SparsityReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def find_report(module: torch.nn.Module) -> SparsityReport | None:
+    """The :class:`SparsityReport` attached by :func:`sgfx.sparsify`, or None for any other module."""
+    meta = getattr(module, "meta", None)
+    return meta.get(REPORT_KEY) if isinstance(meta, dict) else None
 
 
 def get_report(gm: torch.nn.Module) -> SparsityReport:

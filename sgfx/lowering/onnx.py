@@ -33,7 +33,7 @@ from torch import nn
 from ..check import count_violations, nm_groups
 from ..config import NMPattern, parse_pattern
 from ..layers import fetch_tensor
-from ..report import REPORT_KEY, LayerRecord, SparsityReport
+from ..report import LayerRecord, SparsityReport, find_report
 
 __all__ = ["OnnxLayer", "OnnxExportReport", "ExportError", "export_onnx", "check_onnx_sparsity", "tensorrt_axis",
            "trtexec_command"]
@@ -354,7 +354,7 @@ def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.T
     _import_onnx()
     if not isinstance(gm, nn.Module):
         raise TypeError(f"export_onnx takes the GraphModule returned by sgfx.sparsify, got {type(gm).__name__}")
-    report = getattr(gm, "meta", {}).get(REPORT_KEY) if isinstance(getattr(gm, "meta", None), dict) else None
+    report = find_report(gm)
     if report is None:
         raise ValueError("this model was not sparsified by sgfx (it carries no sgfx report): pass the GraphModule "
                          "returned by sgfx.sparsify or sgfx.load")
