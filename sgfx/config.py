@@ -166,6 +166,10 @@ class SparsifyConfig:
         budget: N:M only: the fraction of prunable weights (or FLOPs) that must be N:M; the layers whose N:M
             error is largest stay dense (``None``: every eligible layer is N:M).
         target: what ``allocation="global"`` and ``budget`` count: ``"weights"`` or ``"flops"`` (multiply-adds).
+        fold_weight_transforms: replace conv subclasses that transform their weight in ``forward`` (weight
+            standardisation, e.g. NFNets' ``ScaledStdConv2d``) by a plain conv holding the transformed weight, so
+            that it can be pruned (inference only: the result no longer standardises when trained). ``False``
+            leaves such layers dense, with the reason in the report.
 
     ``None`` options resolve, on construction, to the best combination measured on the seed models
     (``docs/RESULTS.md``); the stored config holds the resolved values.
@@ -192,6 +196,7 @@ class SparsifyConfig:
     allocation: str = "uniform"
     budget: float | None = None
     target: str = "weights"
+    fold_weight_transforms: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -264,6 +269,8 @@ class SparsifyConfig:
             set_("budget", float(self.budget))
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; accepted: {', '.join(TARGETS)}")
+        if not isinstance(self.fold_weight_transforms, bool):
+            raise TypeError(f"fold_weight_transforms must be True or False, got {self.fold_weight_transforms!r}")
 
     def replace(self, **changes: Any) -> "SparsifyConfig":
         """A copy with some fields changed (validated again)."""

@@ -15,7 +15,7 @@ REPORT_KEY = "sgfx_report"  # key in GraphModule.meta (copied by deepcopy)
 
 @dataclass
 class LayerRecord:
-    """What happened to one Conv2d/Linear weight."""
+    """What happened to one weight of the model (pruned, or left dense with the reason)."""
 
     name: str
     op: str
@@ -55,6 +55,9 @@ class SparsityReport:
     permuted: list[dict] = field(default_factory=list)  # channel groups reordered before pruning (producer, ...)
     lowering: list[Any] = field(default_factory=list)  # LoweringDecision per layer, once sgfx.lower ran
     allocation: dict[str, Any] = field(default_factory=dict)  # allocation/budget: kind, target, achieved, search_s
+    opened_attention: list[str] = field(default_factory=list)  # MultiheadAttention modules opened into projections
+    folded: list[str] = field(default_factory=list)  # conv subclasses folded into plain convs (weight transforms)
+    submodules: list[dict[str, Any]] = field(default_factory=list)  # submodules=: what was traced, calls, skipped
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]
@@ -79,6 +82,9 @@ class SparsityReport:
             + (f"; {len(self.bn_reestimated)} BatchNorm statistics re-estimated" if self.bn_reestimated else "")
             + (f"; {len(self.stats_corrected)} layers' output statistics corrected" if self.stats_corrected else "")
             + (f"; channels of {len(self.permuted)} layers permuted" if self.permuted else "")
+            + (f"; {len(self.opened_attention)} MultiheadAttention opened" if self.opened_attention else "")
+            + (f"; {len(self.folded)} weight transforms folded" if self.folded else "")
+            + (f"; {len(self.submodules)} submodules traced" if self.submodules else "")
             + (f"; {self.allocation['kind']} allocation: {self.allocation['achieved']:.2%} of prunable "
                f"{self.allocation['target']} " + ("in N:M layers" if self.allocation["kind"] == "budget" else "pruned")
                + f", search {self.allocation['search_s']:.1f} s" if self.allocation else "")
@@ -90,9 +96,13 @@ class SparsityReport:
 
 
 def find_report(module: torch.nn.Module) -> SparsityReport | None:
-    """The :class:`SparsityReport` attached by :func:`sgfx.sparsify`, or None for any other module."""
+    """The :class:`SparsityReport` attached by :func:`sgfx.sparsify` (to a GraphModule's ``meta``, or as the
+    ``sgfx_report`` attribute of a model returned with ``submodules=``), or None for any other module."""
     meta = getattr(module, "meta", None)
-    return meta.get(REPORT_KEY) if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and REPORT_KEY in meta:
+        return meta[REPORT_KEY]
+    attached = getattr(module, "sgfx_report", None)
+    return attached if isinstance(attached, SparsityReport) else None
 
 
 def get_report(gm: torch.nn.Module) -> SparsityReport:
@@ -101,10 +111,10 @@ def get_report(gm: torch.nn.Module) -> SparsityReport:
     Raises:
         ValueError: ``gm`` did not come from :func:`sgfx.sparsify`.
     """
-    meta = getattr(gm, "meta", None)
-    if not isinstance(meta, dict) or REPORT_KEY not in meta:
-        raise ValueError("this module carries no sgfx report; pass the GraphModule returned by sgfx.sparsify")
-    return meta[REPORT_KEY]
+    found = find_report(gm)
+    if found is None:
+        raise ValueError("this module carries no sgfx report; pass the model returned by sgfx.sparsify")
+    return found
 
 
 def report(gm: torch.nn.Module, tablefmt: str = "simple") -> str:

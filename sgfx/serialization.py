@@ -30,8 +30,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from .check import nm_groups, nm_ungroup
+from .layout import nm_axis, nm_groups, nm_ungroup
 from .config import NMPattern, parse_pattern
+from .passes.attention import attention_core, attention_output
 from .report import REPORT_KEY, LayerRecord, SparsityReport
 
 __all__ = ["save", "load", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
@@ -41,6 +42,8 @@ _SAFE_FUNCTION_MODULES = {"torch.nn.functional": torch.nn.functional, "operator"
                           "_operator": operator, "math": math}
 # Python-level torch functions that traced graphs call (timm's shape checks use torch._assert)
 _SAFE_TORCH_FUNCTIONS = {"_assert": torch._assert}
+# sgfx's own graph functions (opened attention), by module
+_SAFE_SGFX_FUNCTIONS = {"sgfx.passes.attention": {"attention_core": attention_core, "attention_output": attention_output}}
 _SAFE_BUILTINS = {"getattr": getattr, "len": len, "max": max, "min": min, "abs": abs, "int": int, "float": float}
 
 
@@ -70,9 +73,9 @@ def _unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return values.flatten()[:count].to(torch.int64)
 
 
-def pack_nm(weight: torch.Tensor, pattern: NMPattern) -> dict[str, torch.Tensor]:
-    """Kept values (n_groups, N) and bit-packed in-group indices of an N:M weight."""
-    groups = nm_groups(weight, pattern.m)
+def pack_nm(weight: torch.Tensor, pattern: NMPattern, axis: int = 1) -> dict[str, torch.Tensor]:
+    """Kept values (n_groups, N) and bit-packed in-group indices of an N:M weight (groups along ``axis``)."""
+    groups = nm_groups(weight, pattern.m, axis)
     nonzero = groups != 0
     if int(nonzero.sum(dim=1).max()) > pattern.n:
         raise ValueError(f"weight does not follow {pattern}: cannot pack it as such")
@@ -82,11 +85,12 @@ def pack_nm(weight: torch.Tensor, pattern: NMPattern) -> dict[str, torch.Tensor]
     return {"values": values.contiguous(), "indices": _pack_bits(order, _bits_for(pattern.m))}
 
 
-def unpack_nm(packed: dict[str, torch.Tensor], shape: tuple[int, ...], pattern: NMPattern) -> torch.Tensor:
+def unpack_nm(packed: dict[str, torch.Tensor], shape: tuple[int, ...], pattern: NMPattern,
+              axis: int = 1) -> torch.Tensor:
     values = packed["values"]
     order = _unpack_bits(packed["indices"], _bits_for(pattern.m), values.numel()).view_as(values)
     groups = torch.zeros(values.shape[0], pattern.m, dtype=values.dtype).scatter_(1, order, values)
-    return nm_ungroup(groups, shape)
+    return nm_ungroup(groups, shape, axis)
 
 
 def pack_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,6 +133,8 @@ def _resolve_target(spec: Any, strict: bool = True) -> Any:
         found = getattr(_SAFE_FUNCTION_MODULES[module], name, None)
     elif module == "builtins":
         found = _SAFE_BUILTINS.get(name)
+    elif module in _SAFE_SGFX_FUNCTIONS:
+        found = _SAFE_SGFX_FUNCTIONS[module].get(name)
     elif module == "torch.ops.aten" and name.count(".") == 1:  # native aten operators only
         packet, overload = name.split(".")
         packet = getattr(torch.ops.aten, packet, None)
@@ -289,7 +295,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
     """
     nodes, modules = _encode_graph(gm)
     report = gm.meta.get(REPORT_KEY)
-    pruned = {r.weight_name: r.pattern for r in report.layers if r.pruned} if report else {}
+    pruned = {r.weight_name: (r.pattern, nm_axis(r.op)) for r in report.layers if r.pruned} if report else {}
     tensors, entries = {}, {}
     state = dict(gm.named_parameters(remove_duplicate=False))
     state.update(gm.named_buffers(remove_duplicate=False))
@@ -297,11 +303,11 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
         tensor = tensor.detach().cpu()
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
                  "parameter": isinstance(state[name], nn.Parameter), "encoding": "dense"}
-        label = pruned.get(name)  # the report's pattern label: "2:4" or "50% unstructured"
-        if label is not None and ":" in label and tensor.dim() in (2, 4):
+        label, axis = pruned.get(name, (None, 1))  # the report's pattern label: "2:4" or "50% unstructured"
+        if label is not None and ":" in label and tensor.dim() >= 2:
             pattern = parse_pattern(label)
-            parts = pack_nm(tensor, pattern)
-            entry.update(encoding="nm", pattern=str(pattern))
+            parts = pack_nm(tensor, pattern, axis)
+            entry.update(encoding="nm", pattern=str(pattern), axis=axis)
         elif label is not None:
             parts = pack_bitmask(tensor)
             entry["encoding"] = "bitmask"
@@ -319,7 +325,9 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
                                                     "total_s": report.total_s, "layers": report.to_dicts(),
                                                     "bn_reestimated": report.bn_reestimated,
                                                     "stats_corrected": report.stats_corrected,
-                                                    "permuted": report.permuted}}
+                                                    "permuted": report.permuted,
+                                                    "opened_attention": report.opened_attention,
+                                                    "folded": report.folded}}
     torch.save({"sgfx_meta": json.dumps(meta), "tensors": tensors}, path)
     dense = io.BytesIO()
     torch.save(gm.state_dict(), dense)
@@ -354,7 +362,10 @@ def _decode_tensor(name: str, entry: dict, tensors: dict) -> torch.Tensor:
         parts[part] = value
     shape, dtype = tuple(entry["shape"]), getattr(torch, entry["dtype"])
     if entry["encoding"] == "nm":
-        tensor = unpack_nm(parts, shape, parse_pattern(entry["pattern"]))
+        axis = entry.get("axis", 1)
+        if not isinstance(axis, int) or not 0 <= axis < len(shape):
+            raise SgfxFormatError(f"tensor {name!r}: bad N:M axis {axis!r}")
+        tensor = unpack_nm(parts, shape, parse_pattern(entry["pattern"]), axis)
     elif entry["encoding"] == "bitmask":
         tensor = unpack_bitmask(parts, shape, dtype)
     elif entry["encoding"] == "dense":
@@ -409,5 +420,6 @@ def load(path: str | os.PathLike) -> torch.fx.GraphModule:
         layers = [LayerRecord(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in info["layers"]]
         gm.meta[REPORT_KEY] = SparsityReport(info["pattern"], info["method"], layers, info["total_s"],
                                              info.get("bn_reestimated", []), info.get("stats_corrected", []),
-                                             info.get("permuted", []))
+                                             info.get("permuted", []), opened_attention=info.get("opened_attention", []),
+                                             folded=info.get("folded", []))
     return gm

@@ -102,7 +102,7 @@ def test_dense_targets_only_where_samples_cover_the_columns(gen):
 ], ids=str)
 def test_dense_target_shift_equals_weight_times_cross_minus_hessian(gen, module):
     """The shift sgfx computes by a forward and a weight-gradient pass equals W (A − H) from the unfolded inputs."""
-    from sgfx.api import _dense_target_shifts
+    from sgfx.passes.prune_layers import dense_target_shifts as _dense_target_shifts
     from sgfx.layers import PrunableLayer
 
     layer = PrunableLayer.from_module("m", module.double())

@@ -52,7 +52,7 @@ def test_patches_equal_permuted_unfold(gen):
 
 @pytest.mark.parametrize("kwargs", CONV_CASES[:4] + CONV_CASES[6:7], ids=str)
 def test_streaming_conv_hessian_equals_one_shot(kwargs, gen, monkeypatch):
-    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 500)  # force many chunks per batch
+    monkeypatch.setattr(layers.hessian, "_CHUNK_ELEMENTS", 500)  # force many chunks per batch
     conv = nn.Conv2d(**kwargs, bias=False)
     inputs = [torch.randn(5, 8, 7, 6, generator=gen), torch.randn(2, 8, 7, 6, generator=gen)]
     layer = PrunableLayer.from_module("conv", conv)
@@ -70,9 +70,9 @@ def test_streaming_conv_hessian_equals_one_shot(kwargs, gen, monkeypatch):
 
 @pytest.mark.parametrize("min_tile, tiles", [(128, 6), (4, 3), (5, 2)])
 def test_streaming_linear_hessian_equals_one_shot(gen, monkeypatch, min_tile, tiles):
-    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 64)
-    monkeypatch.setattr(layers, "_MIN_TILE", min_tile)  # several upper-triangle tiles
-    monkeypatch.setattr(layers, "_TILES", tiles)
+    monkeypatch.setattr(layers.hessian, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(layers.hessian, "_MIN_TILE", min_tile)  # several upper-triangle tiles
+    monkeypatch.setattr(layers.hessian, "_TILES", tiles)
     lin = nn.Linear(16, 4)
     inputs = [torch.randn(3, 5, 16, generator=gen), torch.randn(7, 16, generator=gen)]  # extra leading dims
     acc = PrunableLayer.from_module("fc", lin).hessian_accumulator()
@@ -87,8 +87,8 @@ def test_streaming_linear_hessian_equals_one_shot(gen, monkeypatch, min_tile, ti
 @pytest.mark.parametrize("float64_max", [16384, 8], ids=["float64-sums", "float32-sums"])
 def test_one_vector_batches_are_collected_into_one_product(gen, monkeypatch, float64_max):
     """A Linear layer fed one vector per batch: the buffered products give the one-shot Hessian and sample count."""
-    monkeypatch.setattr(layers, "_FLOAT64_MAX_COLUMNS", float64_max)
-    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 16 * 5)  # a product every 5 vectors, 2 left pending at the end
+    monkeypatch.setattr(layers.hessian, "_FLOAT64_MAX_COLUMNS", float64_max)
+    monkeypatch.setattr(layers.hessian, "_CHUNK_ELEMENTS", 16 * 5)  # a product every 5 vectors, 2 left pending at the end
     acc = PrunableLayer.from_module("fc", nn.Linear(16, 4)).hessian_accumulator()
     inputs = [torch.randn(1, 16, generator=gen) for _ in range(12)]
     for x in inputs:

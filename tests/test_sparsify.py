@@ -9,6 +9,7 @@ from torch import nn
 
 import sgfx
 import sgfx.api
+import sgfx.passes.prune_layers
 from models import ConvBnNet, Functional, TwoLayer, randomize_bn, plain_sparsify
 from reference import conv_via_loops_ok, hessian_of
 
@@ -76,13 +77,13 @@ def test_sequential_hessian_comes_from_pruned_inputs(gen, monkeypatch):
     model = TwoLayer().eval()
     calib = [torch.randn(4, 8, 10, 10, generator=gen) for _ in range(3)]
     seen = {}
-    real = sgfx.api.sparsegpt_prune
+    real = sgfx.passes.prune_layers.sparsegpt_prune
 
     def spy(weight, hessian, *args, **kwargs):
         seen[weight.shape] = hessian.clone()
         return real(weight, hessian, *args, **kwargs)
 
-    monkeypatch.setattr(sgfx.api, "sparsegpt_prune", spy)
+    monkeypatch.setattr(sgfx.passes.prune_layers, "sparsegpt_prune", spy)
     gm = sgfx.sparsify(model, calib, "2:4")
     conv2 = gm.conv2
     layer = sgfx.layers.PrunableLayer.from_module("conv2", conv2)
@@ -205,8 +206,13 @@ def test_graph_module_input_not_mutated(gen):
 
 def test_leaf_modules_stay_dense(gen):
     model = nn.Sequential(TwoLayer(), nn.Conv2d(8, 8, 1)).eval()
-    gm = sgfx.sparsify(model, torch.randn(2, 8, 6, 6, generator=gen), "2:4", leaf_modules=[TwoLayer])
-    assert [r.name for r in sgfx.get_report(gm).layers] == ["1"]
+    with pytest.warns(UserWarning, match=r"of the model's weights stayed dense \(2 of 3 weight tensors\)"):
+        gm = sgfx.sparsify(model, torch.randn(2, 8, 6, 6, generator=gen), "2:4", leaf_modules=[TwoLayer])
+    records = {r.name: r for r in sgfx.get_report(gm).layers}
+    assert [name for name, r in records.items() if r.pruned] == ["1"]
+    for name in ("0.conv1.weight", "0.conv2.weight"):  # listed, never silent
+        assert records[name].status == "skipped" and records[name].reason == "inside leaf module 0 (TwoLayer)"
+    assert torch.equal(gm.get_submodule("0").conv1.weight, model[0].conv1.weight)
 
 
 def test_report_table_and_records(gen):

@@ -30,7 +30,8 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from ..check import count_violations, nm_groups
+from ..check import count_violations
+from ..layout import nm_groups
 from ..config import NMPattern, parse_pattern
 from ..layers import fetch_tensor
 from ..report import LayerRecord, SparsityReport, find_report

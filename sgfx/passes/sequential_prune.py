@@ -16,67 +16,27 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-import torch.nn.functional as F
-from torch import nn
 from torch.fx.node import Node, map_arg
 
-from ..layers import PrunableLayer, fetch_tensor
+from ..calibration import describe, placeholder_values
+from ..layers import PrunableLayer, find_layer
 
 __all__ = ["CalibrationError", "find_prunable_layers", "match_skip", "SequentialPruner"]
-
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_ATEN_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
-                          "groups")
-# Functional calls sgfx prunes when their weight is a get_attr: torch.nn.functional, and the aten ops of graphs
-# from torch.export (``ExportedProgram.module()``; TorchScript converted by torch.export gives aten.convolution).
-_LINEAR_FNS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
-_CONV_FNS = {F.conv2d: _CONV_ARGS, torch.conv2d: _CONV_ARGS, torch.ops.aten.conv2d.default: _CONV_ARGS,
-             torch.ops.aten.convolution.default: _ATEN_CONVOLUTION_ARGS}
-_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False}
-
 
 class CalibrationError(ValueError):
     """Running the calibration data through the graph failed at a node."""
 
 
-def _functional_layer(gm: torch.fx.GraphModule, node: Node) -> PrunableLayer | None:
-    """A PrunableLayer for ``F.linear``/``F.conv2d`` (or their aten ops) whose weight is a ``get_attr`` of ``gm``,
-    else None."""
-    if node.op != "call_function" or (node.target not in _LINEAR_FNS and node.target not in _CONV_FNS):
-        return None
-    bound = dict(zip(_CONV_FNS.get(node.target, _CONV_ARGS), node.args))
-    bound.update(node.kwargs)
-    weight_node = bound.get("weight")
-    if not isinstance(weight_node, Node) or weight_node.op != "get_attr":
-        return None
-    weight = fetch_tensor(gm, weight_node.target)
-    if weight is None:
-        return None
-    if node.target in _LINEAR_FNS:
-        if weight.dim() != 2:
-            return None
-        return PrunableLayer(weight_node.target, "Linear", weight, weight_name=weight_node.target)
-    args = {**_CONV_DEFAULTS, **bound}
-    if weight.dim() != 4 or args["transposed"] or any(
-            isinstance(args[k], Node) for k in ("stride", "padding", "dilation", "groups")):
-        return None
-    return PrunableLayer.from_conv_args(
-        weight_node.target, weight, args["stride"], args["padding"], args["dilation"], args["groups"]
-    )
-
-
-def find_prunable_layers(gm: torch.fx.GraphModule) -> dict[Node, PrunableLayer]:
-    """Conv2d/Linear nodes in topological order; a weight used by several nodes is pruned at its first use."""
+def find_prunable_layers(gm: torch.fx.GraphModule,
+                         rejected: dict[Node, str] | None = None) -> dict[Node, PrunableLayer]:
+    """Prunable nodes (every registered layer kind, :mod:`sgfx.layers`) in topological order; a weight used by
+    several nodes is pruned at its first use. ``rejected`` (if given) receives the calls of a known kind that
+    cannot be pruned, with the reason."""
     layers: dict[Node, PrunableLayer] = {}
     seen: set[int] = set()
     for node in gm.graph.nodes:
-        layer = None
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                layer = PrunableLayer.from_module(node.target, module)
-        else:
-            layer = _functional_layer(gm, node)
+        on_reject = None if rejected is None else (lambda reason, node=node: rejected.__setitem__(node, reason))
+        layer = find_layer(gm, node, on_reject)
         if layer is not None and id(layer.weight) not in seen:
             seen.add(id(layer.weight))
             layers[node] = layer
@@ -126,26 +86,25 @@ class SequentialPruner(torch.fx.Interpreter):
         self.after_node = after_node or {}
         self.dense = None if dense is None else torch.fx.Interpreter(dense)  # runs gm's nodes on dense weights
         self.dense_env: dict[Node, list[Any]] = {}
-        self._batches: list[torch.Tensor] = []
+        self._batches: list[Any] = []
+        self._inputs: list[list[Any]] = []  # per batch, the value of each placeholder
         self._batch_index = 0  # the batch being run, for error messages
         self._placeholders_seen = 0
 
-    def run_batches(self, batches: list[torch.Tensor]) -> list[Any]:
-        """Run every batch through the graph; returns the graph output of each batch."""
+    def run_batches(self, batches: list[Any]) -> list[Any]:
+        """Run every batch (a tensor, or a :class:`sgfx.calibration.CallInputs`) through the graph; returns the
+        graph output of each batch."""
         self._batches = batches
+        try:
+            self._inputs = [placeholder_values(self.module.graph, batch) for batch in batches]
+        except ValueError as exc:
+            raise CalibrationError(str(exc)) from None
         self._placeholders_seen = 0
         return self.run(enable_io_processing=False)
 
     def _placeholder(self, node: Node) -> list[Any]:
         self._placeholders_seen += 1
-        if self._placeholders_seen == 1:
-            return list(self._batches)
-        if node.args:  # a default value
-            return [node.args[0]] * len(self._batches)
-        raise CalibrationError(
-            f"the graph has more than one input without a default ({node.format_node()}); sgfx calibrates "
-            "models taking one tensor input: fix the others with concrete_args"
-        )
+        return [values[self._placeholders_seen - 1] for values in self._inputs]
 
     def _run_batch(self, node: Node, index: int, runner: torch.fx.Interpreter | None = None) -> Any:
         self._batch_index = index  # for error messages
@@ -193,9 +152,9 @@ class SequentialPruner(torch.fx.Interpreter):
             raise
         except Exception as exc:
             index = self._batch_index
-            shape = tuple(self._batches[index].shape)
             raise CalibrationError(
-                f"calibration failed at node `{n.format_node()}` on batch {index} (input shape {shape}): "
+                f"calibration failed at node `{n.format_node()}` on batch {index} "
+                f"({describe(self._batches[index])}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         after = self.after_node.get(n)

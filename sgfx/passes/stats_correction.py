@@ -117,14 +117,16 @@ def channel_correction(outputs: list[torch.Tensor], dense_outputs: list[torch.Te
 
 
 @torch.no_grad()
-def apply_correction(weight: torch.Tensor, bias: torch.Tensor, correction: ChannelCorrection) -> None:
-    """Fold ``correction`` into a layer's ``weight`` (output channels first) and ``bias`` (C,), in place."""
+def apply_correction(scale_weight: Callable[[torch.Tensor], None], bias: torch.Tensor,
+                     correction: ChannelCorrection) -> None:
+    """Fold ``correction`` into a layer's weight (``scale_weight(scale)`` scales each output channel in place) and
+    ``bias`` (C,), in place."""
     old_bias = bias.double()
     if correction.scale is None:
         bias.copy_((old_bias + correction.shift).to(bias.dtype))
         return
     scale = correction.scale
-    weight.mul_(scale.to(weight.dtype).view(-1, *[1] * (weight.dim() - 1)))
+    scale_weight(scale)
     bias.copy_((scale * (old_bias - correction.center) + correction.center + correction.shift).to(bias.dtype))
 
 
@@ -132,7 +134,8 @@ def ensure_bias(module: nn.Module) -> torch.Tensor:
     """The module's bias, creating a zero one (same dtype/device as the weight) when it has none."""
     if module.bias is None:
         weight = module.weight
-        module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+        channels = getattr(module, "out_channels", None) or getattr(module, "out_features", None) or weight.shape[0]
+        module.bias = nn.Parameter(torch.zeros(channels, dtype=weight.dtype, device=weight.device),
                                    requires_grad=weight.requires_grad)
     return module.bias
 
@@ -152,10 +155,10 @@ def layer_bias(gm: torch.fx.GraphModule, node: Node, create: bool = True) -> tor
     return None
 
 
-def correction_hook(weight: torch.Tensor, bias: Callable[[], torch.Tensor], channel_dim: int, mode: str,
-                    min_samples: int, on_applied=None):
+def correction_hook(scale_weight: Callable[[torch.Tensor], None], bias: Callable[[], torch.Tensor],
+                    channel_dim: int, mode: str, min_samples: int, on_applied=None):
     """``hook(outputs, dense_outputs) -> corrected outputs`` for the sweep; folds the correction into the layer's
-    ``weight`` and ``bias()`` (called only when a correction is made, so a bias is created only then).
+    weight (``scale_weight``) and ``bias()`` (called only when a correction is made, so a bias is created only then).
 
     The layer is left alone when its outputs hold fewer than ``min_samples`` values per channel (sgfx passes the
     layer's column count): a Linear layer sees one sample per image, and correcting classifier layers from a few
@@ -165,7 +168,7 @@ def correction_hook(weight: torch.Tensor, bias: Callable[[], torch.Tensor], chan
         if sum(y.numel() // y.shape[channel_dim] for y in outputs) < min_samples:
             return outputs
         correction = channel_correction(outputs, dense_outputs, channel_dim, mode)
-        apply_correction(weight, bias(), correction)
+        apply_correction(scale_weight, bias(), correction)
         if on_applied is not None:
             on_applied()
         return [correction.apply(y, channel_dim) for y in outputs]

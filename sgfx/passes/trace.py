@@ -16,6 +16,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
+from ..layers import has_own_forward
+
 __all__ = ["TraceError", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -26,14 +28,27 @@ class TraceError(TypeError):
     """The model cannot be symbolically traced by torch.fx."""
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """timm's registered FX leaf modules and functions (empty when timm is not importable)."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # timm missing, or a version without the registry
+        return (), ()
+    return tuple(getattr(timm_fx, "_leaf_modules", ())), tuple(getattr(timm_fx, "_autowrap_functions", ()))
+
+
 class _LeafTracer(torch.fx.Tracer):
+    """Keeps the user's leaf modules, timm's registered ones, and conv subclasses with their own ``forward`` whole
+    (the last are still pruned: :mod:`sgfx.layers.module_conv`)."""
+
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
-        super().__init__()
-        self.leaf_types = leaf_types
+        timm_modules, timm_functions = _timm_notrace()
+        super().__init__(autowrap_functions=timm_functions)
+        self.leaf_types = leaf_types + timm_modules
         self.leaf_names = leaf_names
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names or has_own_forward(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

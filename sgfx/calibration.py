@@ -1,0 +1,134 @@
+"""Calibration data as the passes see it: a list of batches, each one tensor or the full inputs of one call.
+
+``sgfx.sparsify(model, calib)`` takes tensors (or ``(input, ...)`` tuples, as a labelled ``DataLoader`` yields):
+each batch feeds the graph's first input. Submodules traced on their own (``submodules=``) take whatever their
+parent passes them (several tensors, lists, dicts of FPN features, torchvision ``ImageList`` objects), recorded as
+a :class:`CallInputs` per call and mapped onto the graph's placeholders by position, then by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["CallInputs", "calibration_batches", "placeholder_values", "map_tensors", "tensors_of", "describe"]
+
+
+@dataclass
+class CallInputs:
+    """The positional and keyword arguments of one call of a (sub)module."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def tensors_of(batch: Any) -> list[torch.Tensor]:
+    """Every tensor in a batch (nested lists, tuples and dicts included; other objects' tensor attributes too)."""
+    if isinstance(batch, CallInputs):
+        batch = (batch.args, batch.kwargs)
+    leaves, _ = tree_flatten(batch)
+    found = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif hasattr(leaf, "__dict__") and not isinstance(leaf, type):  # e.g. torchvision's ImageList
+            found.extend(v for v in vars(leaf).values() if isinstance(v, torch.Tensor))
+    return found
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor (objects with a ``.to`` method, such as ImageList, get
+    ``fn`` through it when ``fn`` only moves or casts)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, CallInputs):
+        return CallInputs(map_tensors(batch.args, fn), map_tensors(batch.kwargs, fn))
+    return tree_map(lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf, batch)
+
+
+def describe(batch: Any) -> str:
+    """A short description of a batch for error messages: its shape, or the shapes of its tensors."""
+    if isinstance(batch, torch.Tensor):
+        return f"input shape {tuple(batch.shape)}"
+    return "input tensor shapes " + ", ".join(str(tuple(t.shape)) for t in tensors_of(batch)[:4])
+
+
+def placeholder_values(graph: torch.fx.Graph, batch: Any) -> list[Any]:
+    """The value of each placeholder of ``graph`` for one batch: a plain batch feeds the first placeholder (the
+    others take their defaults); a :class:`CallInputs` is bound by position, then by name, then defaults.
+
+    Raises:
+        ValueError: a placeholder gets no value.
+    """
+    values = []
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    args, kwargs = (batch.args, batch.kwargs) if isinstance(batch, CallInputs) else ((batch,), {})
+    for index, node in enumerate(placeholders):
+        name = str(node.target).lstrip("*")
+        if index < len(args):
+            values.append(args[index])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:  # a default value
+            values.append(node.args[0])
+        else:
+            hint = ("sgfx calibrates models taking one tensor input: fix the others with concrete_args"
+                    if not isinstance(batch, CallInputs) else "the recorded call did not pass it")
+            raise ValueError(f"the graph input `{node.format_node()}` gets no value: {hint}")
+    return values
+
+
+def _check_tensor(x: torch.Tensor, index: int) -> None:
+    if x.numel() == 0:
+        raise ValueError(f"calibration batch {index} is empty (shape {tuple(x.shape)})")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"calibration batch {index} contains NaN or Inf values")
+
+
+def calibration_batches(calib: Any) -> list[torch.Tensor]:
+    """Materialise calibration data as a list of input tensors, validating each batch.
+
+    Accepts one tensor (a single batch) or an iterable of batches, each a tensor or a tuple/list whose first
+    element is the input (as a ``DataLoader`` over a labelled dataset yields).
+
+    Raises:
+        TypeError: not a tensor / iterable of tensors or tuples.
+        ValueError: no batches, an empty batch, or NaN/Inf values.
+    """
+    if isinstance(calib, torch.Tensor):
+        items: Iterable[Any] = [calib]
+    elif calib is None or isinstance(calib, (str, bytes, dict)):
+        raise TypeError(f"calib must be a tensor or an iterable of batches, got {type(calib).__name__}")
+    else:
+        try:
+            items = iter(calib)
+        except TypeError:
+            raise TypeError(f"calib must be a tensor or an iterable of batches, got {type(calib).__name__}") from None
+    batches = []
+    for index, item in enumerate(items):
+        x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"calibration batch {index}: expected a tensor or a (input, ...) tuple/list, got {type(item).__name__}"
+            )
+        _check_tensor(x, index)
+        batches.append(x.detach())
+    if not batches:
+        raise ValueError("calibration data is empty: pass a tensor or an iterable yielding at least one batch")
+    return batches
+
+
+def check_call_inputs(batches: list[CallInputs]) -> None:
+    """Validate recorded calls: at least one, each with at least one tensor, all finite."""
+    if not batches:
+        raise ValueError("no calibration call was recorded")
+    for index, batch in enumerate(batches):
+        tensors = tensors_of(batch)
+        if not tensors:
+            raise TypeError(f"calibration call {index} passes no tensor")
+        for tensor in tensors:
+            _check_tensor(tensor, index)
