@@ -74,3 +74,118 @@ def randomize_bn(model, gen):
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     return model
+
+
+class AudioCNN(nn.Module):
+    """A 1-D CNN over raw waveforms (M5-style): Conv1d stack, global pooling, Linear head."""
+
+    def __init__(self, classes: int = 4, width: int = 32):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, width, 16, stride=4)
+        self.bn1 = nn.BatchNorm1d(width)
+        self.conv2 = nn.Conv1d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm1d(width)
+        self.conv3 = nn.Conv1d(width, 2 * width, 3, padding=1, dilation=1)
+        self.bn3 = nn.BatchNorm1d(2 * width)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):  # (B, 1, T)
+        x = F.max_pool1d(F.relu(self.bn1(self.conv1(x))), 4)
+        x = F.max_pool1d(F.relu(self.bn2(self.conv2(x))), 4)
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean(-1))
+
+
+class UNet(nn.Module):
+    """A two-level U-Net with transposed-conv upsampling and skip concatenations."""
+
+    def __init__(self, channels: int = 3, classes: int = 4, width: int = 16):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.down1, self.down2, self.bottom = block(channels, width), block(width, 2 * width), block(2 * width,
+                                                                                                  4 * width)
+        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        self.dec2 = block(4 * width, 2 * width)
+        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.dec1 = block(2 * width, width)
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x):
+        d1 = self.down1(x)
+        d2 = self.down2(F.max_pool2d(d1, 2))
+        b = self.bottom(F.max_pool2d(d2, 2))
+        u2 = self.dec2(torch.cat([self.up2(b), d2], 1))
+        u1 = self.dec1(torch.cat([self.up1(u2), d1], 1))
+        return self.head(u1)
+
+
+class Video3D(nn.Module):
+    """A small 3-D CNN over clips (B, C, T, H, W)."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv3d(3, 16, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
+        self.bn = nn.BatchNorm3d(16)
+        self.conv = nn.Conv3d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        return self.fc(F.relu(self.conv(x)).mean((2, 3, 4)))
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding + self-attention encoder layers written with nn.MultiheadAttention, and a classifier."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, layers: int = 2, batch_first: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.batch_first = batch_first
+        self.attn = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=batch_first) for _ in range(layers))
+        self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                 for _ in range(layers))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, tokens):  # (B, L) int64
+        x = self.embed(tokens)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        for attn, norm, mlp in zip(self.attn, self.norm, self.mlp):
+            h = norm(x)
+            x = x + attn(h, h, h, need_weights=False)[0]
+            x = x + mlp(x)
+        return self.head(x.mean(1 if self.batch_first else 0))
+
+
+class TinyYOLO(nn.Module):
+    """A YOLO-style detector: conv backbone, two-scale neck with upsampling and concatenation, 1x1 detection heads
+    predicting (x, y, w, h, objectness, classes) per anchor and cell; decoding boxes from the raw maps is left to
+    post-processing, as in YOLO code bases."""
+
+    def __init__(self, classes: int = 3, anchors: int = 2, width: int = 16):
+        super().__init__()
+
+        def cbl(cin, cout, k=3, s=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout),
+                                 nn.LeakyReLU(0.1))
+
+        self.stem = cbl(3, width, 3, 2)
+        self.stage1 = nn.Sequential(cbl(width, 2 * width, 3, 2), cbl(2 * width, 2 * width))
+        self.stage2 = nn.Sequential(cbl(2 * width, 4 * width, 3, 2), cbl(4 * width, 4 * width))
+        self.lateral = cbl(4 * width, 2 * width, 1)
+        self.fuse = cbl(4 * width, 2 * width)
+        outputs = anchors * (5 + classes)
+        self.head_small = nn.Conv2d(4 * width, outputs, 1)
+        self.head_large = nn.Conv2d(2 * width, outputs, 1)
+
+    def forward(self, x):
+        c3 = self.stage1(self.stem(x))
+        c4 = self.stage2(c3)
+        up = F.interpolate(self.lateral(c4), scale_factor=2.0, mode="nearest")
+        p3 = self.fuse(torch.cat([up, c3], 1))
+        return self.head_small(c4), self.head_large(p3)
