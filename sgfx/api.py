@@ -19,7 +19,7 @@ from .passes.attention import open_attention
 from .passes.channel_permutation import permute_channels as permute_channel_groups
 from .passes.inventory import dense_summary, unpruned_weight_records
 from .passes.prune_layers import progress_bar, prune_sequentially
-from .passes.sequential_prune import find_prunable_layers, match_skip
+from .passes.sequential_prune import find_prunable_layers, match_skip, schedule_by_depth
 from .passes.trace import trace
 from .report import REPORT_KEY, LayerRecord, SparsityReport
 
@@ -89,14 +89,15 @@ def _discover(gm: torch.fx.GraphModule, config: SparsifyConfig, kept_whole: dict
     to_prune, used_skips = {}, set()
     for node, layer in found.items():
         record = LayerRecord(layer.name, layer.op, tuple(layer.weight.shape), pattern_name, config.method, "skipped",
-                             weight_name=layer.weight_name, sparsity=float((layer.weight == 0).float().mean()))
+                             weight_name=layer.weight_name, sparsity=float((layer.weight == 0).float().mean()),
+                             uses=len(layer.uses))
         records[layer.name] = record
         matched = match_skip(layer.name, config.skip)
         reason = f"skip={matched!r}" if matched else layer.ineligibility(config.sparsity)
         if matched:
             used_skips.add(matched)
-        elif reason:
-            warnings.warn(f"sgfx: {layer.name} left dense: {reason}", UserWarning, stacklevel=4)
+        elif reason:  # summed up in one warning at the end (passes/inventory.py), each in the report
+            logger.info("%s left dense: %s", layer.name, reason)
         if reason:
             record.reason = reason
         else:
@@ -125,6 +126,8 @@ def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyCo
     folded = []
     if config.fold_weight_transforms:
         folded = fold_transforms(gm, _module_inputs(gm, batches[0], has_own_forward))
+    if any(len(layer.uses) > 1 for layer in find_prunable_layers(gm).values()) and schedule_by_depth(gm):
+        logger.info("weights shared by several calls: graph reordered by depth so all their inputs are available")
     records, others, to_prune = _discover(gm, config, kept_whole)
     result = SparsityReport(str(config.sparsity), config.method, list(records.values()) + others)
     result.opened_attention, result.folded = opened, folded

@@ -67,6 +67,11 @@ def placeholder_values(graph: torch.fx.Graph, batch: Any) -> list[Any]:
     values = []
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     args, kwargs = (batch.args, batch.kwargs) if isinstance(batch, CallInputs) else ((batch,), {})
+    if getattr(graph._codegen, "pytree_info", None) is not None and isinstance(batch, CallInputs):
+        flat = graph._codegen.process_inputs(*args)  # traced with structured inputs (lists/dicts of tensors)
+        if len(flat) != len(placeholders):
+            raise ValueError(f"the recorded call has {len(flat)} input leaves, the graph takes {len(placeholders)}")
+        return list(flat)
     for index, node in enumerate(placeholders):
         name = str(node.target).lstrip("*")
         if index < len(args):

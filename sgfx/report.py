@@ -36,6 +36,7 @@ class LayerRecord:
     weight_name: str = ""  # qualified name of the weight tensor in the GraphModule
     dense_targets: bool = False  # fitted to the dense model's outputs (dense_targets=True and samples >= columns)
     level: float | None = None  # the sparsity an allocation or budget chose for this layer (None: uniform)
+    uses: int = 1  # graph calls sharing this weight (a head applied per feature level): all calibrate it
 
     @property
     def pruned(self) -> bool:
@@ -57,7 +58,8 @@ class SparsityReport:
     allocation: dict[str, Any] = field(default_factory=dict)  # allocation/budget: kind, target, achieved, search_s
     opened_attention: list[str] = field(default_factory=list)  # MultiheadAttention modules opened into projections
     folded: list[str] = field(default_factory=list)  # conv subclasses folded into plain convs (weight transforms)
-    submodules: list[dict[str, Any]] = field(default_factory=list)  # submodules=: what was traced, calls, skipped
+    submodules: list[dict[str, Any]] = field(default_factory=list)  # submodules=: what was traced and its calls
+    refused_submodules: dict[str, str] = field(default_factory=dict)  # submodules="auto": untraceable, with why
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]
@@ -70,7 +72,9 @@ class SparsityReport:
         headers = ["layer", "type", "weight", "pattern", "sparsity", "rel. error", "time s", "note"]
         rows = []
         for r in self.layers:
-            note = r.reason if not r.pruned else (f"damping x10^{r.damping_retries}" if r.damping_retries else "")
+            note = r.reason if not r.pruned else "; ".join(
+                ([f"damping x10^{r.damping_retries}"] if r.damping_retries else [])
+                + ([f"shared by {r.uses} calls"] if r.uses > 1 else []))
             rows.append([
                 r.name, r.op, "x".join(map(str, r.weight_shape)), r.pattern if r.pruned else "dense",
                 f"{r.sparsity:.1%}", "" if r.rel_error is None else f"{r.rel_error:.2e}",

@@ -17,6 +17,7 @@ one JSON string, read back with ``torch.load(weights_only=True)``:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import io
@@ -29,11 +30,13 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils._pytree import treespec_dumps, treespec_loads
 
 from .layout import nm_axis, nm_groups, nm_ungroup
 from .config import NMPattern, parse_pattern
 from .passes.attention import attention_core, attention_output
-from .report import REPORT_KEY, LayerRecord, SparsityReport
+from .report import REPORT_KEY, LayerRecord, SparsityReport, find_report
 
 __all__ = ["save", "load", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
 
@@ -268,6 +271,10 @@ def _encode_graph(gm: torch.fx.GraphModule) -> tuple[list[dict], dict[str, dict]
         else:
             entry["target"] = node.target
         nodes.append(entry)
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None:  # traced with structured inputs: the forward flattens them (torch.fx.PH)
+        nodes.append({"op": "pytree", "orig_args": list(info.orig_args), "in_spec": treespec_dumps(info.in_spec),
+                      "out_spec": None if info.out_spec is None else treespec_dumps(info.out_spec)})
     return nodes, modules
 
 
@@ -279,12 +286,34 @@ def check_saveable(gm: torch.fx.GraphModule) -> None:
     _encode_graph(gm)
 
 
-def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
+def _graphs_to_store(model: nn.Module) -> dict[str, tuple[list[dict], dict[str, dict]]]:
+    """{submodule name ('' for the model itself): encoded graph} of a GraphModule or of a model returned by
+    ``sparsify(..., submodules=...)``."""
+    if isinstance(model, torch.fx.GraphModule):
+        return {"": _encode_graph(model)}
+    report = find_report(model)
+    if not isinstance(model, nn.Module) or report is None or not report.submodules:
+        raise TypeError(f"sgfx.save takes a torch.fx.GraphModule or a model returned by sgfx.sparsify(..., "
+                        f"submodules=...), got {type(model).__name__}")
+    return {entry["name"]: _encode_graph(model.get_submodule(entry["name"])) for entry in report.submodules}
+
+
+def _report_dict(report: SparsityReport) -> dict[str, Any]:
+    return {"pattern": report.pattern, "method": report.method, "total_s": report.total_s,
+            "layers": report.to_dicts(), "bn_reestimated": report.bn_reestimated,
+            "stats_corrected": report.stats_corrected, "permuted": report.permuted,
+            "opened_attention": report.opened_attention, "folded": report.folded, "submodules": report.submodules,
+            "refused_submodules": report.refused_submodules}
+
+
+def save(gm: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     """Write ``gm`` compressed to ``path``.
 
     Args:
         gm: a GraphModule, typically from :func:`sgfx.sparsify` (its report tells which weights are N:M or
-            unstructured; without one every weight is stored dense).
+            unstructured; without one every weight is stored dense), or a model returned by
+            ``sgfx.sparsify(..., submodules=...)``: its pruned submodules' graphs and every tensor of the model
+            are stored, and :func:`load` rebuilds it into an instance of the model's class that you pass.
         path: the file to write.
 
     Returns:
@@ -293,8 +322,8 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
     Example:
         >>> sgfx.save(gm, "model.sgfx"); gm2 = sgfx.load("model.sgfx")  # doctest: +SKIP
     """
-    nodes, modules = _encode_graph(gm)
-    report = gm.meta.get(REPORT_KEY)
+    graphs = _graphs_to_store(gm)
+    report = find_report(gm)
     pruned = {r.weight_name: (r.pattern, nm_axis(r.op)) for r in report.layers if r.pruned} if report else {}
     tensors, entries = {}, {}
     state = dict(gm.named_parameters(remove_duplicate=False))
@@ -319,15 +348,14 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> dict[str, int]:
             tensors[key] = value
             entry["parts"][part] = {"key": key, "sha256": _digest(value)}
         entries[name] = entry
-    meta = {"format": _FORMAT, "version": _VERSION, "nodes": nodes, "modules": modules, "tensors": entries,
-            "training": gm.training, "class_name": type(gm).__name__,
-            "report": None if report is None else {"pattern": report.pattern, "method": report.method,
-                                                    "total_s": report.total_s, "layers": report.to_dicts(),
-                                                    "bn_reestimated": report.bn_reestimated,
-                                                    "stats_corrected": report.stats_corrected,
-                                                    "permuted": report.permuted,
-                                                    "opened_attention": report.opened_attention,
-                                                    "folded": report.folded}}
+    meta = {"format": _FORMAT, "version": _VERSION, "tensors": entries, "training": gm.training,
+            "class_name": type(gm).__name__, "report": None if report is None else _report_dict(report)}
+    if "" in graphs:
+        meta["nodes"], meta["modules"] = graphs[""]
+    else:
+        meta["submodule_graphs"] = {name: {"nodes": nodes, "modules": modules, "training": gm.get_submodule(name)
+                                           .training, "class_name": type(gm.get_submodule(name)).__name__}
+                                    for name, (nodes, modules) in graphs.items()}
     torch.save({"sgfx_meta": json.dumps(meta), "tensors": tensors}, path)
     dense = io.BytesIO()
     torch.save(gm.state_dict(), dense)
@@ -378,48 +406,117 @@ def _decode_tensor(name: str, entry: dict, tensors: dict) -> torch.Tensor:
     return tensor
 
 
-def load(path: str | os.PathLike) -> torch.fx.GraphModule:
-    """Rebuild the GraphModule saved by :func:`save`: same graph, bit-exact weights, same forward.
+def _build_graph_module(entry: dict, decoded: dict[str, torch.Tensor], parameters: dict[str, bool]
+                        ) -> torch.fx.GraphModule:
+    """A GraphModule from its stored nodes and modules and its (decoded) tensors."""
+    root = nn.Module()
+    for target, spec in entry["modules"].items():
+        _set_path(root, target, _build_module(spec))
+    for name, tensor in decoded.items():  # replaces the modules' meta tensors
+        value = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if parameters[name] else tensor
+        _set_path(root, name, value)
+    leftover = [n for n, t in list(root.named_parameters()) + list(root.named_buffers()) if t.is_meta]
+    if leftover:
+        raise SgfxFormatError(f"tensors missing from the file: {leftover}")
+    graph = torch.fx.Graph()
+    nodes: dict[str, torch.fx.Node] = {}
+    for node_entry in entry["nodes"]:
+        op = node_entry["op"]
+        if op == "pytree":
+            out_spec = node_entry["out_spec"]
+            graph._codegen = _PyTreeCodeGen(_PyTreeInfo(list(node_entry["orig_args"]),
+                                                        treespec_loads(node_entry["in_spec"]),
+                                                        None if out_spec is None else treespec_loads(out_spec)))
+            continue
+        target = _resolve_target(node_entry["target"]) if op == "call_function" else node_entry["target"]
+        if op == "call_method" and (not isinstance(target, str) or target.startswith("_")
+                                    or not hasattr(torch.Tensor, target)):
+            raise SgfxFormatError(f"method {target!r} is not a public Tensor method")
+        args, kwargs = _decode_arg(node_entry["args"], nodes), _decode_arg(node_entry["kwargs"], nodes)
+        nodes[node_entry["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=node_entry["name"])
+    graph.lint()
+    gm = torch.fx.GraphModule(root, graph, entry.get("class_name", "GraphModule"))
+    gm.train(bool(entry.get("training", False)))
+    return gm
+
+
+def _into_model(model: nn.Module, graphs: dict[str, dict], decoded: dict[str, torch.Tensor],
+                parameters: dict[str, bool]) -> nn.Module:
+    """A deep copy of ``model`` with the stored submodule graphs in place and every tensor from the file."""
+    owned = copy.deepcopy(model)
+    for name, entry in graphs.items():
+        prefix = name + "."
+        mine = {k[len(prefix):]: v for k, v in decoded.items() if k.startswith(prefix)}
+        gm = _build_graph_module(entry, mine, {k[len(prefix):]: v for k, v in parameters.items()
+                                               if k.startswith(prefix)})
+        parent, _, attr = name.rpartition(".")
+        try:
+            setattr(owned.get_submodule(parent) if parent else owned, attr, gm)
+        except AttributeError:
+            raise SgfxFormatError(f"the model passed has no submodule {parent!r}: not the model this file was "
+                                  "saved from") from None
+    state = dict(owned.named_parameters(remove_duplicate=False))
+    state.update(owned.named_buffers(remove_duplicate=False))
+    if set(state) != set(decoded):
+        missing, extra = sorted(set(decoded) - set(state))[:5], sorted(set(state) - set(decoded))[:5]
+        raise SgfxFormatError(f"the model passed does not match the file: tensors only in the file {missing}, "
+                              f"only in the model {extra}")
+    with torch.no_grad():
+        for name, tensor in decoded.items():
+            if tuple(state[name].shape) != tuple(tensor.shape):
+                raise SgfxFormatError(f"{name}: shape {tuple(tensor.shape)} in the file, "
+                                      f"{tuple(state[name].shape)} in the model passed")
+            state[name].copy_(tensor)
+    return owned
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved by :func:`save`: same graph, bit-exact weights, same forward.
+
+    Args:
+        path: an ``.sgfx`` file.
+        model: only for files saved from a model pruned with ``submodules=``: an instance of that model's class,
+            built the same way (e.g. ``fasterrcnn_resnet50_fpn(weights=None)``); a deep copy of it gets the stored
+            graphs and every tensor. Its own code runs the forward, so pass only a class you trust.
+
+    Returns:
+        A ``torch.fx.GraphModule``, or (with ``model``) a model of ``model``'s class.
 
     Raises:
-        SgfxFormatError: the file is foreign, truncated, corrupted or uses a disallowed call target.
+        SgfxFormatError: the file is foreign, truncated, corrupted or uses a disallowed call target; a
+            submodules file without ``model``, or a ``model`` that does not match the file.
     """
     meta, tensors = _read(path)
+    graphs = meta.get("submodule_graphs")
+    if graphs is None and model is not None:
+        raise ValueError("model= is only for files saved from a model pruned with sparsify(..., submodules=...)")
+    if graphs is not None and model is None:
+        raise SgfxFormatError(f"{path} holds a {meta.get('class_name')} pruned with submodules=: pass "
+                              f"model={meta.get('class_name')}(...) (built the same way) to load it into")
+    if model is not None and type(model).__name__ != meta.get("class_name"):
+        raise SgfxFormatError(f"{path} was saved from a {meta.get('class_name')}, not a {type(model).__name__}")
     try:
         decoded = {name: _decode_tensor(name, entry, tensors) for name, entry in meta["tensors"].items()}
-        root = nn.Module()
-        for target, spec in meta["modules"].items():
-            _set_path(root, target, _build_module(spec))
-        for name, tensor in decoded.items():  # replaces the modules' meta tensors
-            is_parameter = meta["tensors"][name]["parameter"]
-            value = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if is_parameter else tensor
-            _set_path(root, name, value)
-        leftover = [n for n, t in list(root.named_parameters()) + list(root.named_buffers()) if t.is_meta]
-        if leftover:
-            raise SgfxFormatError(f"tensors missing from the file: {leftover}")
-        graph = torch.fx.Graph()
-        nodes: dict[str, torch.fx.Node] = {}
-        for entry in meta["nodes"]:
-            op = entry["op"]
-            target = _resolve_target(entry["target"]) if op == "call_function" else entry["target"]
-            if op == "call_method" and (not isinstance(target, str) or target.startswith("_")
-                                        or not hasattr(torch.Tensor, target)):
-                raise SgfxFormatError(f"method {target!r} is not a public Tensor method")
-            args, kwargs = _decode_arg(entry["args"], nodes), _decode_arg(entry["kwargs"], nodes)
-            node = graph.create_node(op, target, tuple(args), kwargs, name=entry["name"])
-            nodes[entry["name"]] = node
-        graph.lint()
-        gm = torch.fx.GraphModule(root, graph, meta.get("class_name", "GraphModule"))
+        parameters = {name: bool(entry["parameter"]) for name, entry in meta["tensors"].items()}
+        if graphs is None:
+            result = _build_graph_module({**meta, "training": meta.get("training", False)}, decoded, parameters)
+        else:
+            result = _into_model(model, graphs, decoded, parameters)
+            result.train(bool(meta.get("training", False)))
     except SgfxFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise SgfxFormatError(f"{path}: malformed sgfx file ({type(exc).__name__}: {exc})") from None
-    gm.train(bool(meta.get("training", False)))
     if meta.get("report"):
         info = meta["report"]
         layers = [LayerRecord(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in info["layers"]]
-        gm.meta[REPORT_KEY] = SparsityReport(info["pattern"], info["method"], layers, info["total_s"],
-                                             info.get("bn_reestimated", []), info.get("stats_corrected", []),
-                                             info.get("permuted", []), opened_attention=info.get("opened_attention", []),
-                                             folded=info.get("folded", []))
-    return gm
+        report = SparsityReport(info["pattern"], info["method"], layers, info["total_s"],
+                                info.get("bn_reestimated", []), info.get("stats_corrected", []),
+                                info.get("permuted", []), opened_attention=info.get("opened_attention", []),
+                                folded=info.get("folded", []), submodules=info.get("submodules", []),
+                                refused_submodules=info.get("refused_submodules", {}))
+        if graphs is None:
+            result.meta[REPORT_KEY] = report
+        else:
+            result.sgfx_report = report
+    return result

@@ -189,3 +189,61 @@ class TinyYOLO(nn.Module):
         up = F.interpolate(self.lateral(c4), scale_factor=2.0, mode="nearest")
         p3 = self.fuse(torch.cat([up, c3], 1))
         return self.head_small(c4), self.head_large(p3)
+
+
+class TinyDetector(nn.Module):
+    """An untraceable detector in the torchvision style: a backbone returning a dict of feature levels, a head
+    shared across levels (it loops over a list), and data-dependent post-processing (score threshold, top-k per
+    image) that torch.fx cannot trace. ``model(list_of_images)`` returns one dict per image."""
+
+    def __init__(self, classes: int = 3, width: int = 16):
+        super().__init__()
+        self.backbone = TinyDetectorBackbone(width)
+        self.head = TinyDetectorHead(2 * width, classes)
+        self.calls_head_twice = False
+
+    def forward(self, images: list):
+        x = torch.stack(images)
+        features = self.backbone(x)
+        levels = list(features.values())
+        logits, boxes = self.head(levels)
+        if self.calls_head_twice:  # a submodule called several times per forward
+            logits2, _ = self.head(levels[::-1])
+            logits = [a + b.flip(0) * 0 for a, b in zip(logits, logits2[::-1])]
+        results = []
+        for i in range(x.shape[0]):
+            scores = torch.cat([level[i].flatten(1).amax(0) for level in logits]).sigmoid()
+            keep = scores > 0.5  # data-dependent: untraceable
+            if int(keep.sum()) == 0:
+                keep = scores >= scores.max()
+            results.append({"scores": scores[keep].topk(min(5, int(keep.sum()))).values,
+                            "boxes": torch.cat([b[i].flatten(1).T for b in boxes])[:5]})
+        return results
+
+
+class TinyDetectorBackbone(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.c3 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.c4 = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU())
+
+    def forward(self, x):
+        c3 = self.c3(self.stem(x))
+        return {"p3": c3, "p4": self.c4(c3)}
+
+
+class TinyDetectorHead(nn.Module):
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.cls = nn.Conv2d(channels, classes, 1)
+        self.box = nn.Conv2d(channels, 4, 1)
+
+    def forward(self, features: list):
+        logits, boxes = [], []
+        for feature in features:  # one shared head for every level
+            h = F.relu(self.conv(feature))
+            logits.append(self.cls(h))
+            boxes.append(self.box(h))
+        return logits, boxes

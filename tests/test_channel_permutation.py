@@ -127,7 +127,7 @@ def test_search_spreads_strong_channels(n, m):
 def test_sparsify_with_permutation_is_valid_and_saves(gen, tmp_path):
     model = VggLike().eval()
     calib = [torch.randn(16, 3, 16, 16, generator=gen) for _ in range(2)]
-    with pytest.warns(UserWarning, match="features.0 left dense"):
+    with pytest.warns(UserWarning, match=r"stayed dense \(1 of 6 weight tensors\): input channels per group \(3\)"):
         gm = sgfx.sparsify(model, calib, "2:4", permute_channels=True)
     report = sgfx.get_report(gm)
     assert [p["producer"] for p in report.permuted] == ["features.0", "features.3", "classifier.0", "classifier.3"]

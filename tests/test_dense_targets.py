@@ -84,7 +84,7 @@ def test_input_vectors_counts_the_hessian_samples(gen, conv):
 def test_dense_targets_only_where_samples_cover_the_columns(gen):
     model = ConvBnNet().eval()
     calib = [torch.randn(8, 3, 16, 16, generator=gen)]  # fc1: 8 samples < 512 columns; conv2: 512 >= 144
-    with pytest.warns(UserWarning, match="conv1 left dense"):
+    with pytest.warns(UserWarning, match=r"weights stayed dense \(1 of .* input channels per group \(3\)"):
         gm = sgfx.sparsify(model, calib, "2:4", dense_targets=True)
     records = {r.name: r for r in sgfx.get_report(gm).layers}
     assert records["conv2"].dense_targets and not records["fc1"].dense_targets

@@ -67,6 +67,7 @@ class PrunableLayer:
     def __init__(self, name: str, op: str, weight: torch.Tensor, weight_name: str | None = None):
         self.name, self.op, self.weight = name, op, weight
         self.weight_name = weight_name or name
+        self.uses: list[Node] = []  # graph nodes calling this weight (set by find_prunable_layers)
 
     # ------------------------------------------------------------------------------------- discovery
     @classmethod

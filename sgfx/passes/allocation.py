@@ -29,12 +29,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
 from torch.fx.node import Node
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..calibration import placeholder_values
 from ..config import NMPattern, Pattern, SparsifyConfig, Unstructured
 from ..layers import PrunableLayer
 from ..obs import error_terms, magnitude_prune, sparsegpt_error_curve, wanda_prune
@@ -92,10 +94,11 @@ def candidate_levels(fraction: float) -> tuple[float, ...]:
     return tuple(sorted({0.0, *_GRID, round(fraction, 6)}))
 
 
-def layer_costs(gm: torch.fx.GraphModule, batch: torch.Tensor,
+def layer_costs(gm: torch.fx.GraphModule, batch: Any,
                 layers: dict[Node, PrunableLayer]) -> dict[str, LayerCost]:
     """Weights and multiply-adds per image of each layer, from the shapes of one image run through the graph."""
-    ShapeProp(gm).propagate(batch[:1])
+    one = batch[:1] if isinstance(batch, torch.Tensor) else batch  # one image (a recorded call: all of it)
+    ShapeProp(gm).propagate(*placeholder_values(gm.graph, one))
     costs = {}
     for node, layer in layers.items():
         shape = node.meta["tensor_meta"].shape  # the layer's output for one image

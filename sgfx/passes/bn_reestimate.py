@@ -12,6 +12,8 @@ calibrated on the corrected activations. BatchNorms upstream of every pruned lay
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx
 from torch import nn
@@ -24,12 +26,14 @@ def batchnorms_after_pruned(gm: torch.fx.GraphModule, pruned: set[Node]) -> dict
     """BatchNorm call_module nodes with a pruned node among their ancestors, in topological order."""
     affected: set[Node] = set()
     found: dict[Node, nn.Module] = {}
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     for node in gm.graph.nodes:
         if node in pruned or any(arg in affected for arg in node.all_input_nodes):
             affected.add(node)
         if node.op == "call_module" and node in affected and node not in pruned:
             module = gm.get_submodule(node.target)
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            shared = calls[str(node.target)] > 1  # one module normalising several feature levels: keep its statistics
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and not shared:
                 found[node] = module
     return found
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import Node
 
+from ..calibration import describe, placeholder_values
 from ..config import NMPattern
 from .sequential_prune import CalibrationError
 
@@ -74,7 +75,7 @@ def _module(gm: torch.fx.GraphModule, node: Node) -> nn.Module | None:
 
 
 def _layer_kind(module: nn.Module | None) -> str | None:
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1:
         return "conv"
     if isinstance(module, nn.Linear):
         return "linear"
@@ -274,13 +275,13 @@ def permute_channels(gm: torch.fx.GraphModule, batches: list[torch.Tensor], prun
             try:
                 return super().run_node(node)
             except Exception as exc:
-                raise CalibrationError(f"calibration failed at node `{node.format_node()}` (input shape "
-                                       f"{tuple(batch.shape)}): {type(exc).__name__}: {exc}") from exc
+                raise CalibrationError(f"calibration failed at node `{node.format_node()}` ({describe(batch)}): "
+                                       f"{type(exc).__name__}: {exc}") from exc
 
     runner = _Norms(gm)
     runner.extra_traceback = False
     for batch in batches:
-        runner.run(batch)
+        runner.run(*placeholder_values(gm.graph, batch))
     for group in groups:
         norms = sums[group.consumers[0]].sqrt()  # all consumers read the same tensor
         saliency = torch.cat([_saliency_rows(_module(gm, c).weight, norms) for c in group.consumers])

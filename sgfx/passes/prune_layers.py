@@ -178,6 +178,8 @@ def correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mo
     hooks = {}
     for node in sorted(layers_to_correct(gm, set(to_prune), bn_nodes), key=list(to_prune).index):
         layer = to_prune[node]
+        if len(layer.uses) > 1:  # one bias serves calls with different statistics (feature levels): leave it
+            continue
         if node.op != "call_module" and layer_bias(gm, node, create=False) is None:
             warnings.warn(f"sgfx: {layer.name}: no bias to correct its statistics through (a functional call "
                           "without a get_attr bias); left uncorrected", UserWarning, stacklevel=3)

@@ -21,7 +21,7 @@ from torch.fx.node import Node, map_arg
 from ..calibration import describe, placeholder_values
 from ..layers import PrunableLayer, find_layer
 
-__all__ = ["CalibrationError", "find_prunable_layers", "match_skip", "SequentialPruner"]
+__all__ = ["CalibrationError", "find_prunable_layers", "schedule_by_depth", "match_skip", "SequentialPruner"]
 
 class CalibrationError(ValueError):
     """Running the calibration data through the graph failed at a node."""
@@ -29,18 +29,45 @@ class CalibrationError(ValueError):
 
 def find_prunable_layers(gm: torch.fx.GraphModule,
                          rejected: dict[Node, str] | None = None) -> dict[Node, PrunableLayer]:
-    """Prunable nodes (every registered layer kind, :mod:`sgfx.layers`) in topological order; a weight used by
-    several nodes is pruned at its first use. ``rejected`` (if given) receives the calls of a known kind that
-    cannot be pruned, with the reason."""
+    """Prunable nodes (every registered layer kind, :mod:`sgfx.layers`) in topological order. A weight used by
+    several nodes (a head shared across feature levels) is pruned at its first use, from the inputs of every use
+    available by then; ``layer.uses`` lists the nodes. ``rejected`` (if given) receives the calls of a known kind
+    that cannot be pruned, with the reason."""
     layers: dict[Node, PrunableLayer] = {}
-    seen: set[int] = set()
+    first_use: dict[int, PrunableLayer] = {}
     for node in gm.graph.nodes:
         on_reject = None if rejected is None else (lambda reason, node=node: rejected.__setitem__(node, reason))
         layer = find_layer(gm, node, on_reject)
-        if layer is not None and id(layer.weight) not in seen:
-            seen.add(id(layer.weight))
-            layers[node] = layer
+        if layer is None:
+            continue
+        if id(layer.weight) in first_use:
+            first_use[id(layer.weight)].uses.append(node)
+            continue
+        layer.uses = [node]
+        first_use[id(layer.weight)] = layer
+        layers[node] = layer
     return layers
+
+
+def schedule_by_depth(gm: torch.fx.GraphModule) -> bool:
+    """Reorder ``gm``'s nodes by depth (longest path from the inputs; stable) when a layer's weight is used by
+    several nodes, so that the inputs of all its uses exist when its first use is pruned (a head applied to each
+    feature level runs level by level at every depth). Returns whether the order changed; the function does not."""
+    nodes = list(gm.graph.nodes)
+    depth: dict[Node, int] = {}
+    for node in nodes:
+        depth[node] = 1 + max((depth[n] for n in node.all_input_nodes), default=-1)
+        if node.op == "output":
+            depth[node] = len(nodes) + 1  # stays last
+    order = sorted(nodes, key=lambda n: (depth[n], nodes.index(n)))
+    if order == nodes:
+        return False
+    nodes[0].prepend(order[0])
+    for previous, node in zip(order, order[1:]):
+        previous.append(node)
+    gm.graph.lint()
+    gm.recompile()
+    return True
 
 
 def match_skip(name: str, patterns: Sequence[str]) -> str | None:
@@ -134,8 +161,11 @@ class SequentialPruner(torch.fx.Interpreter):
         layer = self.layers.get(n)
         if layer is not None:
             try:
-                dense_inputs = self.dense_env[n.args[0]] if self.dense is not None else None
-                self.prune(layer, self.env[n.args[0]], dense_inputs)
+                uses = [u for u in (layer.uses or [n]) if u.args[0] in self.env]  # inputs computed by now
+                inputs = [x for u in uses for x in self.env[u.args[0]]]
+                dense_inputs = [x for u in uses for x in self.dense_env[u.args[0]]] if self.dense is not None \
+                    else None
+                self.prune(layer, inputs, dense_inputs)
             except ValueError as exc:  # inputs the layer cannot take
                 raise CalibrationError(f"pruning failed at node `{n.format_node()}`: {exc}") from exc
             except Exception as exc:
