@@ -18,6 +18,7 @@ from .passes.allocation import plan as plan_allocation
 from .passes.attention import open_attention
 from .passes.channel_permutation import permute_channels as permute_channel_groups
 from .passes.inventory import dense_summary, unpruned_weight_records
+from .passes.leaf_blocks import find_leaf_blocks
 from .passes.prune_layers import progress_bar, prune_sequentially
 from .passes.sequential_prune import find_prunable_layers, match_skip, schedule_by_depth
 from .passes.trace import trace
@@ -81,31 +82,44 @@ def _module_inputs(gm: torch.fx.GraphModule, batch: Any, wanted) -> dict[str, to
 
 
 def _discover(gm: torch.fx.GraphModule, config: SparsifyConfig, kept_whole: dict[str, str]):
-    """Records for every weight, and the prunable layers to prune (skip/eligibility applied, warned)."""
+    """Records for every weight; the graph's prunable layers and the leaf modules with prunable layers inside, to
+    prune (skip/eligibility applied)."""
     pattern_name = str(config.sparsity)
     rejected: dict = {}
     found = find_prunable_layers(gm, rejected)
+    blocks = find_leaf_blocks(gm, found, set(kept_whole))
     records: dict[str, LayerRecord] = {}
     to_prune, used_skips = {}, set()
-    for node, layer in found.items():
+    candidates = [(node, layer, None) for node, layer in found.items()]
+    candidates += [(node, layer, block) for node, block in blocks.items() for layer in block.layers.values()]
+    position = {node: index for index, node in enumerate(gm.graph.nodes)}
+    candidates.sort(key=lambda item: position[item[0]])  # graph order (stable inside a leaf module)
+    for node, layer, block in candidates:
         record = LayerRecord(layer.name, layer.op, tuple(layer.weight.shape), pattern_name, config.method, "skipped",
                              weight_name=layer.weight_name, sparsity=float((layer.weight == 0).float().mean()),
                              uses=len(layer.uses))
         records[layer.name] = record
         matched = match_skip(layer.name, config.skip)
         reason = f"skip={matched!r}" if matched else layer.ineligibility(config.sparsity)
+        if block is not None and not reason and (config.allocation == "global" or config.budget is not None):
+            reason = f"inside leaf module {block.name}: allocation and budget cover the graph's layers only"
         if matched:
             used_skips.add(matched)
         elif reason:  # summed up in one warning at the end (passes/inventory.py), each in the report
             logger.info("%s left dense: %s", layer.name, reason)
         if reason:
             record.reason = reason
-        else:
+            if block is not None:
+                del block.layers[layer.name]
+        elif block is None:
             to_prune[node] = layer
     for pattern in sorted(set(config.skip) - used_skips):
         warnings.warn(f"sgfx: skip pattern {pattern!r} matched no prunable layer", UserWarning, stacklevel=4)
-    others = unpruned_weight_records(gm, found, rejected, kept_whole, pattern_name, config.method)
-    return records, others, to_prune
+    inner = {layer.name: layer for block in blocks.values() for layer in block.layers.values()}
+    others = unpruned_weight_records(gm, found, rejected, kept_whole, pattern_name, config.method,
+                                     exclude={r.weight_name for r in records.values()})
+    blocks = {node: block for node, block in blocks.items() if block.layers}
+    return records, others, to_prune, blocks, inner
 
 
 def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyConfig,
@@ -128,10 +142,10 @@ def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyCo
         folded = fold_transforms(gm, _module_inputs(gm, batches[0], has_own_forward))
     if any(len(layer.uses) > 1 for layer in find_prunable_layers(gm).values()) and schedule_by_depth(gm):
         logger.info("weights shared by several calls: graph reordered by depth so all their inputs are available")
-    records, others, to_prune = _discover(gm, config, kept_whole)
+    records, others, to_prune, blocks, inner = _discover(gm, config, kept_whole)
     result = SparsityReport(str(config.sparsity), config.method, list(records.values()) + others)
     result.opened_attention, result.folded = opened, folded
-    if not to_prune:
+    if not to_prune and not blocks:
         warnings.warn("sgfx: no prunable layer in this model; returning the traced graph unchanged", UserWarning,
                       stacklevel=3)
     else:
@@ -155,8 +169,8 @@ def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyCo
                     record.pattern = f"{pattern.sparsity:.1%} unstructured" if isinstance(pattern, Unstructured) \
                         else str(pattern)
                 record.level = float(patterns[layer.name].sparsity) if layer.name in patterns else 0.0
-        with progress_bar(progress, len(to_prune), callback) as on_layer:
-            prune_sequentially(gm, batches, to_prune, config, records, result, on_layer, patterns)
+        with progress_bar(progress, len(to_prune) + len(inner), callback) as on_layer:
+            prune_sequentially(gm, batches, to_prune, config, records, result, on_layer, patterns, blocks)
     _restore_dtypes(gm, original_dtypes)
     gm.train(was_training)
     result.total_s = time.perf_counter() - started

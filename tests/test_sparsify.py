@@ -204,15 +204,37 @@ def test_graph_module_input_not_mutated(gen):
     assert gm is not traced and all(torch.equal(v, traced.state_dict()[k]) for k, v in before.items())
 
 
-def test_leaf_modules_stay_dense(gen):
+def test_layers_inside_leaf_modules_are_pruned_sequentially(gen, monkeypatch):
+    """A leaf module stays one graph node; its layers are pruned in execution order, conv2 from the *pruned*
+    conv1's outputs (the module run as a unit, a hook recording conv2's input)."""
     model = nn.Sequential(TwoLayer(), nn.Conv2d(8, 8, 1)).eval()
-    with pytest.warns(UserWarning, match=r"of the model's weights stayed dense \(2 of 3 weight tensors\)"):
-        gm = sgfx.sparsify(model, torch.randn(2, 8, 6, 6, generator=gen), "2:4", leaf_modules=[TwoLayer])
+    calib = [torch.randn(2, 8, 6, 6, generator=gen) for _ in range(2)]
+    seen = {}
+    real = sgfx.passes.prune_layers.sparsegpt_prune
+
+    def spy(weight, hessian, *args, **kwargs):
+        seen[tuple(weight.shape)] = hessian.clone()
+        return real(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(sgfx.passes.prune_layers, "sparsegpt_prune", spy)
+    gm = plain_sparsify(model, calib, "2:4", leaf_modules=[TwoLayer])
+    assert [n.op for n in gm.graph.nodes if n.target == "0"] == ["call_module"]  # still one node
     records = {r.name: r for r in sgfx.get_report(gm).layers}
-    assert [name for name, r in records.items() if r.pruned] == ["1"]
-    for name in ("0.conv1.weight", "0.conv2.weight"):  # listed, never silent
-        assert records[name].status == "skipped" and records[name].reason == "inside leaf module 0 (TwoLayer)"
-    assert torch.equal(gm.get_submodule("0").conv1.weight, model[0].conv1.weight)
+    assert [name for name, r in records.items() if r.pruned] == ["0.conv1", "0.conv2", "1"]
+    assert sgfx.check_pattern(gm, "2:4")
+    perm = sgfx.layers.conv_column_permutation(16, (3, 3))
+
+    def by_hand(conv1):
+        rows = []
+        for x in calib:
+            cols = F.unfold(F.relu(conv1(x)), 3, padding=1, stride=2)
+            rows.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+        return hessian_of(torch.cat(rows))[perm][:, perm]
+
+    with torch.no_grad():
+        torch.testing.assert_close(seen[(8, 144)].double(), by_hand(gm.get_submodule("0").conv1), rtol=1e-4,
+                                   atol=1e-5)
+        assert not torch.allclose(seen[(8, 144)].double(), by_hand(model[0].conv1), rtol=1e-3, atol=1e-4)
 
 
 def test_report_table_and_records(gen):

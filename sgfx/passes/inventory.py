@@ -22,8 +22,9 @@ __all__ = ["unpruned_weight_records", "dense_summary", "is_weight"]
 
 
 def is_weight(tensor: torch.Tensor) -> bool:
-    """A weight matrix or kernel (two or more dimensions), as opposed to a bias or a norm's scale."""
-    return tensor.dim() >= 2
+    """A weight matrix or kernel (two or more dimensions longer than 1), as opposed to a bias, a norm's scale or a
+    per-channel gain shaped (C, 1, 1, 1)."""
+    return sum(size > 1 for size in tensor.shape) >= 2
 
 
 def _target_name(target) -> str:
@@ -57,8 +58,10 @@ def _reason(gm: torch.fx.GraphModule, name: str, called: dict[str, str], uses: d
 
 
 def unpruned_weight_records(gm: torch.fx.GraphModule, found: dict[Node, PrunableLayer], rejected: dict[Node, str],
-                            kept_whole: dict[str, str], pattern: str, method: str) -> list[LayerRecord]:
-    """A skipped :class:`LayerRecord` for every weight of ``gm`` that no layer in ``found`` owns."""
+                            kept_whole: dict[str, str], pattern: str, method: str,
+                            exclude: set[str] = frozenset()) -> list[LayerRecord]:
+    """A skipped :class:`LayerRecord` for every weight of ``gm`` that no layer in ``found`` owns and that is not
+    named in ``exclude`` (weights that already have a record)."""
     owned = {id(layer.weight) for layer in found.values()}
     called = {str(n.target): type(gm.get_submodule(n.target)).__name__
               for n in gm.graph.nodes if n.op == "call_module"}
@@ -68,7 +71,7 @@ def unpruned_weight_records(gm: torch.fx.GraphModule, found: dict[Node, Prunable
             uses.setdefault(str(node.target), []).append(node)
     records = []
     for name, param in gm.named_parameters():
-        if not is_weight(param) or id(param) in owned:
+        if not is_weight(param) or id(param) in owned or name in exclude:
             continue
         kind, reason = _reason(gm, name, called, uses, rejected, kept_whole)
         records.append(LayerRecord(name, kind, tuple(param.shape), pattern, method, "skipped", reason,

@@ -83,6 +83,11 @@ class LayerPruner:
         self.callback = callback
         self.patterns = patterns or {}  # per-layer patterns chosen by an allocation; else config.sparsity
 
+    def skip(self, layer: PrunableLayer, reason: str) -> None:
+        """Leave ``layer`` dense with ``reason`` (summed up in sparsify's one warning)."""
+        self.records[layer.name].reason = reason
+        logger.info("%s left dense: %s", layer.name, reason)
+
     def pattern(self, layer: PrunableLayer) -> Pattern:
         return self.patterns.get(layer.name, self.config.sparsity)
 
@@ -149,8 +154,10 @@ class LayerPruner:
         except (FactorizationError, LayerUnsupported) as exc:
             solve = isinstance(exc, FactorizationError)
             record.status, record.reason = "skipped", f"solve failed: {exc}" if solve else str(exc)
-            warnings.warn(f"sgfx: {layer.name} left dense: {exc}", RuntimeWarning if solve else UserWarning,
-                          stacklevel=2)
+            if solve:
+                warnings.warn(f"sgfx: {layer.name} left dense: {exc}", RuntimeWarning, stacklevel=2)
+            else:  # a layer kind found out at run time: summed up in sparsify's one warning
+                logger.info("%s left dense: %s", layer.name, exc)
             if self.callback is not None:
                 self.callback(record)
             return
@@ -210,8 +217,10 @@ def progress_bar(enabled: bool, layers: int, callback):
 
 def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: dict[Node, PrunableLayer],
                        config: SparsifyConfig, records: dict[str, LayerRecord], result: SparsityReport,
-                       on_layer: Callable[[LayerRecord], None] | None, patterns: dict[str, Pattern]) -> None:
-    """Prune ``to_prune`` in one sweep over ``batches``, with the remedies ``config`` asks for, in place."""
+                       on_layer: Callable[[LayerRecord], None] | None, patterns: dict[str, Pattern],
+                       blocks: dict | None = None) -> None:
+    """Prune ``to_prune`` (and the layers inside the leaf modules ``blocks``) in one sweep over ``batches``, with
+    the remedies ``config`` asks for, in place."""
     hooks, batchnorms = {}, {}
     if config.bn_reestimate is not False:
         batchnorms = batchnorms_after_pruned(gm, set(to_prune))
@@ -221,4 +230,4 @@ def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: d
     dense = copy.deepcopy(gm) if config.dense_targets or corrections else None  # the unpruned model, in lockstep
     with torch.no_grad():
         SequentialPruner(gm, to_prune, LayerPruner(config, records, on_layer, patterns), hooks, dense,
-                         corrections).run_batches(batches)
+                         corrections, blocks).run_batches(batches)

@@ -20,6 +20,7 @@ from torch.fx.node import Node, map_arg
 
 from ..calibration import describe, placeholder_values
 from ..layers import PrunableLayer, find_layer
+from .leaf_blocks import LeafBlock, calls_of, execution_order, record_inputs
 
 __all__ = ["CalibrationError", "find_prunable_layers", "schedule_by_depth", "match_skip", "SequentialPruner"]
 
@@ -92,6 +93,8 @@ class SequentialPruner(torch.fx.Interpreter):
         after_node: optional ``{node: hook}`` (needs ``dense``); ``hook(outputs, dense_outputs)`` gets the node's
             outputs for every batch, pruned and dense, and returns the outputs the nodes after it see
             (statistics correction uses it).
+        blocks: optional ``{node: LeafBlock}``: leaf modules whose inner layers are pruned (through ``prune``)
+            when the sweep reaches them, before they run.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class SequentialPruner(torch.fx.Interpreter):
         before_node: dict[Node, Callable[[list[torch.Tensor]], None]] | None = None,
         dense: torch.fx.GraphModule | None = None,
         after_node: dict[Node, Callable[[list[Any], list[Any]], list[Any]]] | None = None,
+        blocks: dict[Node, LeafBlock] | None = None,
     ):
         if after_node and dense is None:
             raise ValueError("after_node hooks compare with the dense model: pass dense")
@@ -111,6 +115,7 @@ class SequentialPruner(torch.fx.Interpreter):
         self.prune = prune
         self.before_node = before_node or {}
         self.after_node = after_node or {}
+        self.blocks = blocks or {}  # leaf modules whose inner layers are pruned when the node is reached
         self.dense = None if dense is None else torch.fx.Interpreter(dense)  # runs gm's nodes on dense weights
         self.dense_env: dict[Node, list[Any]] = {}
         self._batches: list[Any] = []
@@ -132,6 +137,27 @@ class SequentialPruner(torch.fx.Interpreter):
     def _placeholder(self, node: Node) -> list[Any]:
         self._placeholders_seen += 1
         return [values[self._placeholders_seen - 1] for values in self._inputs]
+
+    def _prune_block(self, n: Node, block: LeafBlock) -> None:
+        """Prune the layers inside leaf module ``n`` in their execution order, each from its inputs while the
+        module runs on this node's inputs for every batch (:mod:`sgfx.passes.leaf_blocks`)."""
+        batches = len(self._batches)
+        calls = calls_of(n, self.env, batches)
+        module = self.module.get_submodule(n.target)
+        dense_module = None if self.dense is None else self.dense.module.get_submodule(n.target)
+        dense_calls = None if self.dense is None else calls_of(n, self.dense_env, batches)
+        order = execution_order(module, block, *calls[0])
+        for name in sorted(set(block.layers) - set(order)):
+            if hasattr(self.prune, "skip"):
+                self.prune.skip(block.layers[name], f"inside leaf module {block.name}, whose forward never calls "
+                                                    "it (its weight is used another way)")
+        for name in order:
+            if name not in block.layers:
+                continue
+            inputs = record_inputs(module, self.module.get_submodule(name), calls)
+            dense_inputs = None if dense_module is None else record_inputs(
+                dense_module, self.dense.module.get_submodule(name), dense_calls)
+            self.prune(block.layers[name], inputs, dense_inputs)
 
     def _run_batch(self, node: Node, index: int, runner: torch.fx.Interpreter | None = None) -> Any:
         self._batch_index = index  # for error messages
@@ -170,6 +196,12 @@ class SequentialPruner(torch.fx.Interpreter):
                 raise CalibrationError(f"pruning failed at node `{n.format_node()}`: {exc}") from exc
             except Exception as exc:
                 raise RuntimeError(f"sgfx: pruning failed at node `{n.format_node()}`: {exc}") from exc
+        block = self.blocks.get(n)
+        if block is not None:
+            try:
+                self._prune_block(n, block)
+            except ValueError as exc:
+                raise CalibrationError(f"pruning inside leaf module `{n.format_node()}` failed: {exc}") from exc
         hook = self.before_node.get(n)
         if hook is not None:
             hook(self.env[n.args[0]])
