@@ -245,3 +245,26 @@ def test_checker_axes_match_polygraphy_on_hand_built_graphs(tmp_path, violate):
     assert "not a constant initializer" in layers["dynamic"].reason
     _assert_polygraphy_agrees(path, [layers[n] for n in layers if n != "dynamic"])
 
+
+
+@pytest.mark.parametrize("name", ["unet", "video", "audio", "transformer"])
+def test_new_layer_kinds_export_with_their_axes(name, gen, tmp_path):
+    """Conv1d/Conv3d/ConvTranspose2d and opened attention: every pruned layer keeps its pattern in ONNX, Polygraphy
+    agrees on every Conv/Gemm/MatMul, and transposed convs are reported as not accelerated by TensorRT."""
+    from models import AudioCNN, TinyTransformer, UNet, Video3D
+
+    build, x = {"unet": (UNet, torch.randn(2, 3, 16, 16, generator=gen)),
+                "video": (Video3D, torch.randn(2, 3, 4, 16, 16, generator=gen)),
+                "audio": (AudioCNN, torch.randn(2, 1, 2000, generator=gen)),
+                "transformer": (TinyTransformer, torch.randint(0, 50, (2, 12), generator=gen))}[name]
+    gm = sgfx.sparsify(build().eval(), x, "2:4")
+    path = tmp_path / "m.onnx"
+    report = sgfx.export_onnx(gm, (x[:1],), path)
+    assert {layer.layer for layer in report.pruned} == {r.name for r in sgfx.get_report(gm).pruned_layers}
+    transposed = [layer for layer in report.layers if layer.op_type == "ConvTranspose"]
+    assert len(transposed) == (2 if name == "unet" else 0)
+    for layer in transposed:  # pruned along C_in (ONNX axis 0) but no TensorRT sparse deconvolution
+        assert layer.pruned and layer.axis == 0 and layer.violations == 0 and "no sparse deconvolution" in layer.reason
+    others = [layer for layer in report.layers if layer.op_type != "ConvTranspose"]
+    assert all(layer.eligible for layer in others if layer.pruned)
+    _assert_polygraphy_agrees(path, others)

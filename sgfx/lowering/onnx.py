@@ -45,6 +45,9 @@ TENSORRT_PATTERN = NMPattern(2, 4)  # the only pattern TensorRT's sparse kernels
 _INSTALL_HINT = "pip install 'sgfx[onnx]'"
 _FOLLOWED_OPS = ("Cast", "Identity")  # ops a weight may pass through without changing its layout
 _ELIGIBLE = "sparse-eligible"
+# TensorRT's sparsity documentation and Polygraphy's checker cover Convolution and MatMul/Gemm only (sgfx.layout)
+_NO_SPARSE_DECONVOLUTION = ("ConvTranspose: TensorRT documents 2:4 kernels for Convolution and MatMul only (no "
+                            "sparse deconvolution); pattern kept along C_in")
 _EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a .data file beside the model (protobuf caps files at 2 GB)
 
 
@@ -131,6 +134,8 @@ def tensorrt_axis(op_type: str, attributes: dict[str, Any]) -> int:
     """The axis of a node's weight (input 1) that TensorRT's 2:4 groups run along (its reduction axis)."""
     if op_type == "Conv":
         return 1
+    if op_type == "ConvTranspose":  # [C_in, C_out/g, k...]: each output sums over C_in
+        return 0
     if op_type == "Gemm":
         return 1 if attributes.get("transB", 0) else 0
     if op_type == "MatMul":
@@ -167,6 +172,8 @@ def _structural_reason(layer: OnnxLayer, groups: int) -> str | None:
         return "weight computed at run time, not a constant initializer: TensorRT needs constant sparse weights"
     if layer.op_type == "Conv" and groups > 1 and layer.shape[1] == 1:
         return "depthwise convolution (1 input channel per group)"
+    if layer.op_type == "ConvTranspose":
+        return _NO_SPARSE_DECONVOLUTION
     length = layer.shape[layer.axis]
     if length % TENSORRT_PATTERN.m:
         what = "input channels per group" if layer.op_type == "Conv" else "reduction axis"
@@ -202,7 +209,7 @@ def _scan(model: Any) -> tuple[list[OnnxLayer], dict[str, np.ndarray]]:
     nonzeros: dict[str, np.ndarray] = {}  # boolean masks (bfloat16 arrays do not convert to torch)
     layers = []
     for index, node in enumerate(graph.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         attributes = _attributes(node)
         name, axis = _resolve_weight(node.input[1], tensorrt_axis(node.op_type, attributes), initializers, producers)
@@ -216,10 +223,10 @@ def _scan(model: Any) -> tuple[list[OnnxLayer], dict[str, np.ndarray]]:
             layer.shape = tuple(mask.shape)
             layer.sparsity = 1.0 - float(mask.mean()) if mask.size else 0.0
         reason = _structural_reason(layer, int(attributes.get("group", 1)))
-        if reason is None:
+        if reason is None or reason == _NO_SPARSE_DECONVOLUTION:
             nonzero = torch.from_numpy(nonzeros[name])
             layer.violations = int((nm_groups(nonzero, TENSORRT_PATTERN.m, axis).sum(1) > TENSORRT_PATTERN.n).sum())
-            if layer.violations:
+            if layer.violations and reason is None:
                 total = nonzero.numel() // TENSORRT_PATTERN.m
                 reason = f"not 2:4 along axis {axis}: {layer.violations}/{total} runs of 4 hold more than 2 nonzeros"
         layer.reason = reason or _ELIGIBLE
@@ -249,9 +256,10 @@ def _model_pattern(report: SparsityReport, require_2_4: bool) -> Any:
     return pattern
 
 
-def _torch_layout(array: np.ndarray, axis: int) -> np.ndarray:
-    """An ONNX weight (or its mask) in PyTorch's layout: its reduction axis moved to dim 1 (a writable copy)."""
-    return np.array(np.moveaxis(array, axis, 1))
+def _torch_layout(array: np.ndarray, axis: int, op_type: str = "Conv") -> np.ndarray:
+    """An ONNX weight (or its mask) in PyTorch's layout: its reduction axis moved to where PyTorch has it (dim 1;
+    dim 0 for ConvTranspose, whose ONNX layout is PyTorch's), a writable copy."""
+    return np.array(np.moveaxis(array, axis, 0 if op_type == "ConvTranspose" else 1))
 
 
 def _match_layers(layers: list[OnnxLayer], records: list[LayerRecord], weights: dict[str, torch.Tensor],
@@ -263,7 +271,7 @@ def _match_layers(layers: list[OnnxLayer], records: list[LayerRecord], weights: 
     for layer in layers:
         record = by_name.get(layer.initializer or "")
         if record is None and layer.initializer is not None:
-            zeros = ~_torch_layout(nonzeros[layer.initializer], layer.axis)
+            zeros = ~_torch_layout(nonzeros[layer.initializer], layer.axis, layer.op_type)
             record = next((r for name, r in unclaimed.items()
                            if tuple(weights[name].shape) == zeros.shape
                            and np.array_equal(weights[name].cpu().numpy() == 0, zeros)), None)
@@ -283,14 +291,15 @@ def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern:
     for layer in layers:
         if not layer.pruned:
             continue
-        nonzero = torch.from_numpy(_torch_layout(nonzeros[layer.initializer], layer.axis))
-        lost = count_violations(nonzero, pattern) if isinstance(pattern, NMPattern) else 0
+        nonzero = torch.from_numpy(_torch_layout(nonzeros[layer.initializer], layer.axis, layer.op_type))
+        lost = count_violations(nonzero, pattern, 0 if layer.op_type == "ConvTranspose" else 1) if isinstance(pattern, NMPattern) else 0
         record = next(r for r in records if r.name == layer.layer)
         zeros, pruned_zeros = int((~nonzero).sum()), int((weights[record.weight_name] == 0).sum())
         if lost or zeros < pruned_zeros:
             problems.append(f"{layer.layer} ({layer.initializer}): pattern {pattern} lost in export "
                             f"({lost} groups violate it; {zeros} zeros where the model has {pruned_zeros})")
-        elif not layer.eligible and isinstance(pattern, NMPattern) and pattern.implies(TENSORRT_PATTERN):
+        elif (not layer.eligible and layer.reason != _NO_SPARSE_DECONVOLUTION and isinstance(pattern, NMPattern)
+              and pattern.implies(TENSORRT_PATTERN)):
             problems.append(f"{layer.layer} ({layer.initializer}): {layer.reason}")
     if problems:
         raise ExportError(f"{path}: the export does not keep sgfx's sparsity:\n  " + "\n  ".join(problems))
