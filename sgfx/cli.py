@@ -135,16 +135,20 @@ def _sparsify(args: argparse.Namespace) -> int:
     transform = _transform(args, loaded.transform)
     images = _image_set(args, args.calib, transform)
     calib = [x for x, _ in _batches(images, args.batch_size, "sgfx: reading images", not args.quiet)]
-    traced = trace(loaded.model)
-    try:
-        serialization.check_saveable(traced)  # before the work: pruning does not change the graph
-    except TypeError as exc:
-        raise TypeError(f"{args.model} cannot be stored as .sgfx, so it is not pruned: {exc}") from None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="sgfx: .* left dense")  # each such layer is in the report
-        gm = api.sparsify(traced, calib, args.pattern, method=args.method, skip=args.skip or None,
-                          device=args.device, allocation=args.allocation, budget=args.budget, target=args.target,
-                          progress=not args.quiet)
+    submodules = None
+    if args.submodules:
+        submodules = "auto" if args.submodules == ["auto"] else args.submodules
+        model = loaded.model  # traced per submodule; each is checked for storage once pruned
+    else:
+        model = trace(loaded.model)
+        try:
+            serialization.check_saveable(model)  # before the work: pruning does not change the graph
+        except TypeError as exc:
+            raise TypeError(f"{args.model} cannot be stored as .sgfx, so it is not pruned: {exc}") from None
+    gm = api.sparsify(model, calib, args.pattern, method=args.method, skip=args.skip or None,
+                      device=args.device, allocation=args.allocation, budget=args.budget, target=args.target,
+                      fold_weight_transforms=args.fold_weight_transforms or None, submodules=submodules,
+                      progress=not args.quiet)
     del calib
     sizes = serialization.save(gm, args.output)
     _print_report(get_report(gm), args.json)
@@ -155,17 +159,36 @@ def _sparsify(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import get_report
-    from .serialization import load
+    from .serialization import read_pruned
 
-    _print_report(get_report(load(args.model)), args.json)
+    report, _ = read_pruned(args.model)  # no model is built: also for files saved with --submodules
+    if report is None:
+        raise ValueError(f"{args.model} holds no sgfx report (saved from a model sgfx did not sparsify)")
+    _print_report(report, args.json)
     return EXIT_OK
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import check_pattern
+    from .check import PatternCheck, check_pattern, count_violations
+    from .layout import nm_axis
+    from .serialization import read_pruned
 
-    result = check_pattern(_load(args.model, args.weights, args).model, args.pattern)
+    if args.model.endswith(".sgfx") and not args.weights:  # the stored pruned weights, each along its kind's axis
+        report, weights = read_pruned(args.model)
+        result = PatternCheck(str(args.pattern))
+        for record in report.layers if report else []:
+            if record.pruned:
+                result.checked.append(record.weight_name)
+                try:
+                    bad = count_violations(weights[record.weight_name], args.pattern, nm_axis(record.op))
+                except ValueError:
+                    result.checked.pop()
+                    result.ineligible.append(record.weight_name)
+                    continue
+                if bad:
+                    result.violations[record.weight_name] = bad
+    else:
+        result = check_pattern(_load(args.model, args.weights, args).model, args.pattern)
     if args.json:
         print(json.dumps(asdict(result) | {"ok": result.ok}, indent=1))
     else:
@@ -257,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, help="N:M on layers covering at least this fraction; the rest dense")
     p.add_argument("--target", choices=["weights", "flops"], default=None, help="what --allocation/--budget count")
     p.add_argument("--skip", nargs="+", help="layer names or globs kept dense")
+    p.add_argument("--submodules", nargs="+", metavar="NAME",
+                   help="models that cannot be traced whole (detection): prune these submodules, or 'auto'")
+    p.add_argument("--fold-weight-transforms", action="store_true",
+                   help="fold weight-standardised convs (NFNets) into plain convs so they are pruned (inference only)")
     p.add_argument("--device", help="where the solves run, e.g. cuda")
     p.add_argument("-o", "--output", required=True, help="the .sgfx file to write")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

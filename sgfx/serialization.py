@@ -38,7 +38,7 @@ from .config import NMPattern, parse_pattern
 from .passes.attention import attention_core, attention_output
 from .report import REPORT_KEY, LayerRecord, SparsityReport, find_report
 
-__all__ = ["save", "load", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
+__all__ = ["save", "load", "read_pruned", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
 
 _FORMAT, _VERSION = "sgfx", 1
 _SAFE_FUNCTION_MODULES = {"torch.nn.functional": torch.nn.functional, "operator": operator,
@@ -507,16 +507,33 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise SgfxFormatError(f"{path}: malformed sgfx file ({type(exc).__name__}: {exc})") from None
-    if meta.get("report"):
-        info = meta["report"]
-        layers = [LayerRecord(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in info["layers"]]
-        report = SparsityReport(info["pattern"], info["method"], layers, info["total_s"],
-                                info.get("bn_reestimated", []), info.get("stats_corrected", []),
-                                info.get("permuted", []), opened_attention=info.get("opened_attention", []),
-                                folded=info.get("folded", []), submodules=info.get("submodules", []),
-                                refused_submodules=info.get("refused_submodules", {}))
+    report = _decode_report(meta)
+    if report is not None:
         if graphs is None:
             result.meta[REPORT_KEY] = report
         else:
             result.sgfx_report = report
     return result
+
+
+def _decode_report(meta: dict) -> SparsityReport | None:
+    info = meta.get("report")
+    if not info:
+        return None
+    layers = [LayerRecord(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in info["layers"]]
+    return SparsityReport(info["pattern"], info["method"], layers, info["total_s"], info.get("bn_reestimated", []),
+                          info.get("stats_corrected", []), info.get("permuted", []),
+                          opened_attention=info.get("opened_attention", []), folded=info.get("folded", []),
+                          submodules=info.get("submodules", []), refused_submodules=info.get("refused_submodules", {}))
+
+
+def read_pruned(path: str | os.PathLike) -> tuple[SparsityReport | None, dict[str, torch.Tensor]]:
+    """The report of an ``.sgfx`` file and its pruned weights, decoded (checksums verified), without building the
+    model: what ``sgfx report``/``sgfx check`` need, also for files saved with ``submodules=``."""
+    meta, tensors = _read(path)
+    report = _decode_report(meta)
+    names = {r.weight_name for r in report.layers if r.pruned} if report else set()
+    try:
+        return report, {name: _decode_tensor(name, meta["tensors"][name], tensors) for name in names}
+    except KeyError as exc:
+        raise SgfxFormatError(f"{path}: malformed sgfx file (no tensor {exc})") from None

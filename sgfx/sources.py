@@ -10,6 +10,7 @@ example input size), an ``.sgfx`` file, or, only with ``trust_pickle=True``, a w
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import pickle
 import zipfile
@@ -46,6 +47,8 @@ def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
         close = difflib.get_close_matches(name, available, n=3)
         raise SourceError(f"torchvision has no model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        kwargs["weights_backbone"] = None  # detection/segmentation models: no download of a pretrained backbone
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     transform = None
     try:  # the default weights' evaluation transform (a description: nothing is downloaded)

@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch import nn
 
@@ -295,3 +296,22 @@ def test_unsaveable_model_fails_before_pruning(workspace, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "cannot be stored as .sgfx, so it is not pruned" in err and "halve" in err
     assert pruned == [] and not (tmp_path / "u.sgfx").exists()
+
+
+def test_detection_model_with_submodules_auto(workspace, tmp_path, capsys):
+    """A torchvision detector (untraceable whole) from the command line: --submodules auto, then report and check
+    read the file without the model's code."""
+    root, _ = workspace
+    out = tmp_path / "ssd.sgfx"
+    assert cli.main(["-q", "sparsify", "torchvision:ssdlite320_mobilenet_v3_large", "--num-classes", "3",
+                     "--submodules", "auto", "--calib", str(root / "images"), "--size", "64", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "2 submodules traced" in table and "backbone.features" in table
+    assert cli.main(["check", str(out), "--pattern", "2:4"]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+    assert cli.main(["check", str(out), "--pattern", "1:4"]) == 1  # it can fail
+    loaded = sgfx.load(out, model=torchvision.models.get_model("ssdlite320_mobilenet_v3_large", weights=None,
+                                                                 weights_backbone=None, num_classes=3))
+    assert sgfx.check_pattern(loaded, "2:4")
