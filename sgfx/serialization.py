@@ -46,7 +46,8 @@ _SAFE_FUNCTION_MODULES = {"torch.nn.functional": torch.nn.functional, "operator"
 # Python-level torch functions that traced graphs call (timm's shape checks use torch._assert)
 _SAFE_TORCH_FUNCTIONS = {"_assert": torch._assert}
 # sgfx's own graph functions (opened attention), by module
-_SAFE_SGFX_FUNCTIONS = {"sgfx.passes.attention": {"attention_core": attention_core, "attention_output": attention_output}}
+_SAFE_SGFX_FUNCTIONS = {"sgfx.passes.attention": {"attention_core": attention_core,
+                                                   "attention_output": attention_output}}
 _SAFE_BUILTINS = {"getattr": getattr, "len": len, "max": max, "min": min, "abs": abs, "int": int, "float": float}
 
 

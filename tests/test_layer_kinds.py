@@ -5,6 +5,7 @@ position p is the gradient of y[b, o, p] with respect to output channel o's weig
 conv kernels, for every kind, stride, padding, dilation, groups and output_padding).
 """
 
+import math
 import warnings
 
 import pytest
@@ -84,6 +85,46 @@ def test_input_vectors_and_hessian_match_autograd_reference(cls, kwargs, size, g
     n = reference[0].shape[0]
     for h, ref in zip(hessians, reference):
         torch.testing.assert_close(h.double(), 2 / n * ref.T @ ref, rtol=1e-5, atol=1e-5)
+
+
+def _unfold_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(groups, n, cols) patches of a Conv1d/2d/3d by explicit padding and ``Tensor.unfold`` (one sliding window
+    per spatial dim, dilation by slicing the window), columns (kernel position, channel): unfold-and-matmul."""
+    dims = x.dim() - 2
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if isinstance(module.padding, str):  # "same": the extra pixel of an even total goes after
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        pads = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pads = [(p, p) for p in module.padding]
+    flat_pads = [v for before, after in reversed(pads) for v in (before, after)]
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    windows = F.pad(x, flat_pads, mode=mode)
+    for d in range(dims):  # (B, C, S'..., window...) with each window sliced by its dilation
+        span = dilation[d] * (kernel[d] - 1) + 1
+        windows = windows.unfold(2 + d, span, stride[d])
+    index = (Ellipsis,) + tuple(slice(None, None, dl) for dl in dilation)
+    windows = windows[index]  # (B, C, S'..., k...)
+    b, c = windows.shape[:2]
+    out = windows.shape[2:2 + dims]
+    groups = module.groups
+    per_group = c // groups
+    patches = windows.reshape(b, groups, per_group, *out, *kernel)
+    patches = patches.permute(1, 0, *range(3, 3 + dims), *range(3 + dims, 3 + 2 * dims), 2)  # (G, B, S', k, c)
+    return patches.reshape(groups, b * math.prod(out), math.prod(kernel) * per_group)
+
+
+@pytest.mark.parametrize("cls, kwargs, size", [c for c in CASES if "Transpose" not in c[0].__name__],
+                         ids=[i for i in IDS if "Transpose" not in i])
+def test_conv_hessian_matches_unfold_and_matmul(cls, kwargs, size, gen):
+    module = cls(**kwargs, bias=False).double()
+    x = torch.randn(3, kwargs["in_channels"], *size, generator=gen, dtype=torch.float64)
+    layer = PrunableLayer.from_module("m", module)
+    reference = _unfold_reference(module, x)  # (G, n, cols)
+    acc = layer.hessian_accumulator()
+    acc.add(x)
+    for h, ref in zip(acc.finalize(), reference):
+        torch.testing.assert_close(h.double(), 2 / ref.shape[0] * ref.T @ ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls, kwargs, size", CASES, ids=IDS)
@@ -226,3 +267,31 @@ def test_unsupported_kinds_are_listed_with_reasons(gen):
     records = {r.weight_name: r for r in sgfx.get_report(gm).layers}
     assert records["embed.weight"].reason == "unsupported layer kind Embedding"
     assert not records["embed.weight"].pruned
+
+
+def test_functional_calls_of_every_kind_are_pruned_along_their_axes(gen, tmp_path):
+    import sgfx
+    from models import plain_sparsify
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(8, 4, 3))
+            self.w3 = nn.Parameter(torch.randn(8, 8, 1, 3, 3))
+            self.wt = nn.Parameter(torch.randn(8, 4, 2, 2))  # (C_in, C_out, k, k)
+            self.wl = nn.Parameter(torch.randn(4, 16))
+
+        def forward(self, x):  # (B, 4, 16)
+            y = F.conv1d(x, self.w1, padding=1)
+            z = F.conv3d(y.view(-1, 8, 1, 4, 4), self.w3, padding=(0, 1, 1))
+            t = F.conv_transpose2d(z.squeeze(2), self.wt, stride=2)
+            return F.linear(t.flatten(2)[..., :16], self.wl)
+
+    model = Functional()
+    gm = plain_sparsify(model, torch.randn(16, 4, 16, generator=gen), "2:4")
+    assert len(sgfx.get_report(gm).pruned_layers) == 4 and sgfx.check_pattern(gm, "2:4")
+    wt = gm.get_parameter("wt").detach()
+    groups = wt.movedim(0, -1).reshape(-1, 4)  # runs of 4 input channels (dim 0)
+    assert int(((groups != 0).sum(1) > 2).sum()) == 0
+    sgfx.save(gm, tmp_path / "f.sgfx")
+    assert torch.equal(sgfx.load(tmp_path / "f.sgfx").get_parameter("wt"), gm.get_parameter("wt"))

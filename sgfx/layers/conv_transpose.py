@@ -49,8 +49,9 @@ class ConvTransposeLayer(ConvLayer):
         after = [b + o for b, o in zip(before, self.output_padding)]
         PrunableLayer.__init__(self, name, f"ConvTranspose{dims}d", weight, weight_name)
         self.dims = dims
-        self.stride, self.dilation, self.groups, self.padding_mode = (1,) * dims, self.transpose_dilation, int(groups), \
-            "zeros"
+        # the equivalent conv: stride 1, the same dilation, padded by d·(k − 1) − p (+ output_padding after)
+        self.stride, self.dilation, self.groups = (1,) * dims, self.transpose_dilation, int(groups)
+        self.padding_mode = "zeros"
         self.padding = pad_order(tuple(before), tuple(after))
 
     @classmethod

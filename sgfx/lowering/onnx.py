@@ -292,7 +292,8 @@ def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern:
         if not layer.pruned:
             continue
         nonzero = torch.from_numpy(_torch_layout(nonzeros[layer.initializer], layer.axis, layer.op_type))
-        lost = count_violations(nonzero, pattern, 0 if layer.op_type == "ConvTranspose" else 1) if isinstance(pattern, NMPattern) else 0
+        axis = 0 if layer.op_type == "ConvTranspose" else 1
+        lost = count_violations(nonzero, pattern, axis) if isinstance(pattern, NMPattern) else 0
         record = next(r for r in records if r.name == layer.layer)
         zeros, pruned_zeros = int((~nonzero).sum()), int((weights[record.weight_name] == 0).sum())
         if lost or zeros < pruned_zeros:

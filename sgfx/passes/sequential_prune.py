@@ -24,6 +24,7 @@ from .leaf_blocks import LeafBlock, calls_of, execution_order, record_inputs
 
 __all__ = ["CalibrationError", "find_prunable_layers", "schedule_by_depth", "match_skip", "SequentialPruner"]
 
+
 class CalibrationError(ValueError):
     """Running the calibration data through the graph failed at a node."""
 
