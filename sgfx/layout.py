@@ -6,9 +6,9 @@ the axis each output sums over, to hold at most N nonzeros, at every output chan
 - ``Linear`` (out, in): along ``in`` (axis 1);
 - ``Conv1d/2d/3d`` (C_out, C_in/g, k...): along C_in (axis 1), at each (output channel, kernel position);
 - ``ConvTranspose1d/2d/3d`` (C_in, C_out/g, k...): each output sums over C_in, so along axis 0.
-  TensorRT's documented sparsity rules (and Polygraphy's checker) cover Convolution and MatMul/Gemm only; no
-  sparse deconvolution kernel is documented, so sgfx prunes transposed convs along their reduction axis for
-  accuracy's and storage's sake and the ONNX report says they are not accelerated by TensorRT.
+  NVIDIA's Polygraphy sparsity checker covers Conv and MatMul/Gemm only and no TensorRT sparse deconvolution
+  kernel was found documented, so sgfx prunes transposed convs along their reduction axis (for accuracy and
+  storage) and the ONNX report says they are not known to be accelerated by TensorRT.
 
 The solver (:mod:`sgfx.layers`), the checker (:mod:`sgfx.check`), serialization and the ONNX checker all read the
 axis from :func:`nm_axis` and cut groups with :func:`nm_groups`.

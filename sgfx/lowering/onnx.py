@@ -45,9 +45,10 @@ TENSORRT_PATTERN = NMPattern(2, 4)  # the only pattern TensorRT's sparse kernels
 _INSTALL_HINT = "pip install 'sgfx[onnx]'"
 _FOLLOWED_OPS = ("Cast", "Identity")  # ops a weight may pass through without changing its layout
 _ELIGIBLE = "sparse-eligible"
-# TensorRT's sparsity documentation and Polygraphy's checker cover Convolution and MatMul/Gemm only (sgfx.layout)
-_NO_SPARSE_DECONVOLUTION = ("ConvTranspose: TensorRT documents 2:4 kernels for Convolution and MatMul only (no "
-                            "sparse deconvolution); pattern kept along C_in")
+# Polygraphy's sparsity checker covers Conv and MatMul/Gemm only; no TensorRT sparse deconvolution is documented
+# as far as sgfx knows (sgfx.layout)
+_NO_SPARSE_DECONVOLUTION = ("ConvTranspose: no known TensorRT 2:4 kernel (Polygraphy checks Conv/MatMul/Gemm only; "
+                            "no sparse deconvolution); pattern kept along C_in")
 _EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a .data file beside the model (protobuf caps files at 2 GB)
 
 
