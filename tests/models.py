@@ -247,3 +247,25 @@ class TinyDetectorHead(nn.Module):
             logits.append(self.cls(h))
             boxes.append(self.box(h))
         return logits, boxes
+
+
+def gated_mlp(x, w_in, w_out, w_gate):
+    """A function torch.fx keeps whole (wrapped below): two F.linear uses of its weights, one matmul use."""
+    return F.linear(F.relu(F.linear(x, w_in)), w_out) * torch.sigmoid(x @ w_gate)
+
+
+torch.fx.wrap("gated_mlp")
+
+
+class WrappedFunctionNet(nn.Module):
+    """Weights passed into a wrapped function (as torchvision's Swin passes qkv/proj to shifted_window_attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w_in = nn.Parameter(torch.randn(32, 16) / 4)
+        self.w_out = nn.Parameter(torch.randn(16, 32) / 6)
+        self.w_gate = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        return gated_mlp(self.fc(x), self.w_in, self.w_out, self.w_gate)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name, least", [("fasterrcnn", 0.99), ("ssdlite", 0.9), ("vit_b_16", 0.99),
-                                         ("deeplabv3", 0.95), ("r3d_18", 0.99), ("swin_t", 0.6)])
+                                         ("deeplabv3", 0.95), ("r3d_18", 0.99), ("swin_t", 0.99)])
 def test_architecture_sparsifies_with_every_weight_accounted_for(name, least):
     family, build, make, batches, options = architectures.MODELS[name]
     options = {k: v for k, v in options.items() if k != "measure"}
@@ -39,6 +39,6 @@ def test_architecture_sparsifies_with_every_weight_accounted_for(name, least):
     with torch.no_grad():
         out = pruned(make(g))
     assert all(torch.isfinite(t).all() for t in sgfx.calibration.tensors_of(out))
-    if name == "swin_t":  # its attention weights reach torchvision's shifted_window_attention: said, not silent
-        reasons = {r.reason for r in report.layers if not r.pruned}
-        assert any("shifted_window_attention" in reason for reason in reasons), reasons
+    if name == "swin_t":  # its qkv/proj weights reach torchvision's wrapped shifted_window_attention: still pruned
+        pruned_names = {r.weight_name for r in report.pruned_layers}
+        assert {"features.1.0.attn.qkv.weight", "features.1.0.attn.proj.weight"} <= pruned_names

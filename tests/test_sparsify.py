@@ -391,3 +391,31 @@ def test_explicit_cpu_device_gives_the_same_weights(gen):
     assert sgfx.get_report(explicit).layers[0].dense_targets or sgfx.get_report(explicit).layers[1].dense_targets
     for (name, expected), (_, got) in zip(default.state_dict().items(), explicit.state_dict().items()):
         assert torch.equal(got, expected), name
+
+
+def test_weights_passed_to_a_wrapped_function_are_pruned_sequentially(gen, monkeypatch):
+    """A wrapped function's F.linear weights are pruned in use order, w_out from relu(x·w_in) with w_in pruned; a
+    weight it uses otherwise (a matmul) is reported, not silent."""
+    from models import WrappedFunctionNet
+
+    model = WrappedFunctionNet().eval()
+    calib = [torch.randn(64, 16, generator=gen) for _ in range(2)]
+    seen = {}
+    real = sgfx.passes.prune_layers.sparsegpt_prune
+
+    def spy(weight, hessian, *args, **kwargs):
+        seen[tuple(weight.shape)] = hessian.clone()
+        return real(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(sgfx.passes.prune_layers, "sparsegpt_prune", spy)
+    gm = plain_sparsify(model, calib, "2:4")
+    assert any(n.op == "call_function" and n.target.__name__ == "gated_mlp" for n in gm.graph.nodes)  # kept whole
+    records = {r.name: r for r in sgfx.get_report(gm).layers}
+    assert [n for n, r in records.items() if r.pruned] == ["fc", "w_in", "w_out"]
+    assert "does not multiply by it with F.linear" in records["w_gate"].reason
+    assert sgfx.check_pattern(gm, "2:4")
+    with torch.no_grad():
+        hidden = [F.relu(F.linear(gm.fc(x), gm.w_in)) for x in calib]
+        torch.testing.assert_close(seen[(16, 32)].double(), hessian_of(torch.cat(hidden)), rtol=1e-4, atol=1e-5)
+        dense = [F.relu(F.linear(gm.fc(x), model.w_in)) for x in calib]
+        assert not torch.allclose(seen[(16, 32)].double(), hessian_of(torch.cat(dense)), rtol=1e-3, atol=1e-4)

@@ -19,8 +19,8 @@ import torch.fx
 from torch.fx.node import Node, map_arg
 
 from ..calibration import describe, placeholder_values
-from ..layers import PrunableLayer, find_layer
-from .leaf_blocks import LeafBlock, calls_of, execution_order, record_inputs
+from ..layers import PrunableLayer, fetch_tensor, find_layer
+from .leaf_blocks import LeafBlock, calls_of, execution_order, record_function_inputs, record_inputs
 
 __all__ = ["CalibrationError", "find_prunable_layers", "schedule_by_depth", "match_skip", "SequentialPruner"]
 
@@ -144,6 +144,9 @@ class SequentialPruner(torch.fx.Interpreter):
         module runs on this node's inputs for every batch (:mod:`sgfx.passes.leaf_blocks`)."""
         batches = len(self._batches)
         calls = calls_of(n, self.env, batches)
+        if block.function is not None:
+            self._prune_function_block(n, block, calls, batches)
+            return
         module = self.module.get_submodule(n.target)
         dense_module = None if self.dense is None else self.dense.module.get_submodule(n.target)
         dense_calls = None if self.dense is None else calls_of(n, self.dense_env, batches)
@@ -159,6 +162,25 @@ class SequentialPruner(torch.fx.Interpreter):
             dense_inputs = None if dense_module is None else record_inputs(
                 dense_module, self.dense.module.get_submodule(name), dense_calls)
             self.prune(block.layers[name], inputs, dense_inputs)
+
+    def _prune_function_block(self, n: Node, block: LeafBlock, calls: list, batches: int) -> None:
+        """Prune the weights a wrapped function multiplies with ``F.linear``, in the order it uses them, each from
+        its inputs recorded while the function runs on this node's inputs (the ones before already pruned)."""
+        order, _ = record_function_inputs(n, block, calls[:1])
+        for name in sorted(set(block.layers) - set(order)):
+            if hasattr(self.prune, "skip"):
+                self.prune.skip(block.layers[name], f"passed to {block.name}, which does not multiply by it with "
+                                                    "F.linear (not a prunable use)")
+        dense_calls = None if self.dense is None else calls_of(n, self.dense_env, batches)
+        for name in order:
+            _, inputs = record_function_inputs(n, block, calls)
+            dense_inputs = None
+            if dense_calls is not None:  # the dense copy's own parameters, by the same path
+                dense_block = LeafBlock(block.name, {name: PrunableLayer(name, "Linear",
+                                                                           fetch_tensor(self.dense.module, name))},
+                                        function=block.function)
+                dense_inputs = record_function_inputs(n, dense_block, dense_calls)[1][name]
+            self.prune(block.layers[name], inputs[name], dense_inputs)
 
     def _run_batch(self, node: Node, index: int, runner: torch.fx.Interpreter | None = None) -> Any:
         self._batch_index = index  # for error messages
