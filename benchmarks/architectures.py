@@ -223,7 +223,7 @@ def main():
         rows.append(row)
         print(f"{name}: {row['weights_pruned']:.1%} of weights 2:4, valid {row['valid_2_4']}, "
               f"error {row['output_rel_error']:.3f}, {row['seconds']:.1f} s", flush=True)
-    table = [[r["family"], f"{r['parameters_M']:.1f}", f"{r['weights_pruned']:.1%}",
+    table = [[r["family"], f"{r['parameters_M']:.1f}", f"{r['weights_pruned']:.2%}",
               f"{r['layers_pruned']}/{r['weights_total']}", "yes" if r["valid_2_4"] else "NO",
               f"{r['output_rel_error']:.3f}", f"{r['output_rel_error_no_dense_targets']:.3f}", r["error_measured_on"],
               f"{r['median_layer_error']:.3f}",

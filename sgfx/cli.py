@@ -197,7 +197,7 @@ def _check(args: argparse.Namespace) -> int:
               f"{len(result.violations)} violate it" + "".join(f"\n  {name}: {count} groups"
                                                              for name, count in result.violations.items()))
         if not result.checked:
-            print("  no weight could be checked (none pruned, or no Conv2d/Linear shaped for the pattern)")
+            print("  no weight could be checked (none pruned, or no prunable layer shaped for the pattern)")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
 
     p = sub.add_parser("check", help="check that pruned weights follow a pattern (exit 0: yes, 1: no)")
-    p.add_argument("model", help="a .sgfx file (its pruned layers) or any model (its Conv2d/Linear weights)")
+    p.add_argument("model", help="a .sgfx file (its pruned layers) or any model (its prunable layers' weights)")
     _add_model_args(p)
     p.add_argument("--pattern", type=_pattern, required=True)
     p.add_argument("--json", action="store_true")

@@ -68,8 +68,8 @@ def _weight_reason(weight: torch.Tensor, min_rows: int, min_cols: int, dtype: to
 
 def is_pointwise(conv: nn.Conv2d) -> bool:
     """A 1x1 convolution that is a plain matmul over channels (stride 1, no padding, groups 1)."""
-    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
-            and (conv.padding in ((0, 0), "valid")) and conv.padding_mode == "zeros")
+    return (type(conv).forward is nn.Conv2d.forward and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.groups == 1 and (conv.padding in ((0, 0), "valid")) and conv.padding_mode == "zeros")
 
 
 def plan_semi_structured(gm: torch.fx.GraphModule, dtype: torch.dtype) -> list[LoweringDecision]:
@@ -88,10 +88,14 @@ def plan_semi_structured(gm: torch.fx.GraphModule, dtype: torch.dtype) -> list[L
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.Conv2d):
             if not is_pointwise(module):
-                reason = "PyTorch has no sparse convolution kernel; only 1x1 stride-1 convs are matmuls (use 'tensorrt')"
+                reason = ("PyTorch has no sparse convolution kernel; only plain 1x1 stride-1 convs are matmuls "
+                          "(use 'tensorrt')")
             else:
                 reason = _weight_reason(module.weight.flatten(1), min_rows, min_cols, dtype) or CANDIDATE
             decisions.append(LoweringDecision(node.target, "semi_structured", False, reason))
+        elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd)):
+            decisions.append(LoweringDecision(node.target, "semi_structured", False,
+                                              f"PyTorch has no sparse {type(module).__name__} kernel (use 'tensorrt')"))
         elif isinstance(module, nn.Linear):
             reason = _weight_reason(module.weight, min_rows, min_cols, dtype)
             decisions.append(LoweringDecision(node.target, "semi_structured", not reason, reason))

@@ -102,7 +102,7 @@ def layer_costs(gm: torch.fx.GraphModule, batch: Any,
     costs = {}
     for node, layer in layers.items():
         shape = node.meta["tensor_meta"].shape  # the layer's output for one image
-        channels = shape[1] if layer.op == "Conv2d" else shape[-1]
+        channels = shape[layer.channel_dim]
         positions = math.prod(shape) // channels
         costs[layer.name] = LayerCost(layer.weight.numel(), layer.weight.numel() * positions)
     return costs

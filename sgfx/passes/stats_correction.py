@@ -141,7 +141,7 @@ def ensure_bias(module: nn.Module) -> torch.Tensor:
 
 
 def layer_bias(gm: torch.fx.GraphModule, node: Node, create: bool = True) -> torch.Tensor | None:
-    """The bias tensor a Conv2d/Linear node adds (with ``create``, made for modules without one); None for a
+    """The bias tensor a prunable layer node adds (with ``create``, made for modules without one); None for a
     functional call whose bias is not a ``get_attr`` of ``gm``."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
