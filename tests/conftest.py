@@ -17,3 +17,20 @@ def gen():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def solved_hessians(monkeypatch):
+    """Every Hessian the SparseGPT solve receives during the test: (weight shape, float64 copy), in call order
+    (``dict(solved_hessians)[shape]`` is the last one of that shape)."""
+    import sgfx.passes.prune_layers as engine
+
+    calls = []
+    real = engine.sparsegpt_prune
+
+    def spy(weight, hessian, *args, **kwargs):
+        calls.append((tuple(weight.shape), hessian.detach().double().clone()))
+        return real(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "sparsegpt_prune", spy)
+    return calls

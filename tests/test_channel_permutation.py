@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -148,3 +149,24 @@ def test_permutation_options_are_validated(gen):
         sgfx.sparsify(VggLike(), calib, 0.5, permute_channels=True)
     with pytest.raises(TypeError, match="permute_channels"):
         sgfx.sparsify(VggLike(), calib, "2:4", permute_channels="yes")
+
+
+def test_modules_called_more_than_once_are_not_permuted(gen):
+    """A consumer (or producer) shared by two calls: permuting it for one call would change the other."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(8, 16, 3, padding=1)
+            self.b = nn.Conv2d(8, 16, 3, padding=1)
+            self.head = nn.Conv2d(16, 8, 1)  # applied to both branches
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(x))) + self.head(torch.relu(self.b(x)))
+
+    model = Shared().eval()
+    gm = torch.fx.symbolic_trace(model)
+    assert find_permutation_groups(gm, set(find_prunable_layers(gm)) | set(gm.graph.nodes), NMPattern(2, 4)) == []
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    pruned = sgfx.sparsify(model, x, "2:4", permute_channels=True, dense_targets=False, stats_correction=False)
+    assert sgfx.get_report(pruned).permuted == []

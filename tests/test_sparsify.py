@@ -72,18 +72,10 @@ def test_same_result_twice(gen):
         assert torch.equal(pa, pb), name
 
 
-def test_sequential_hessian_comes_from_pruned_inputs(gen, monkeypatch):
+def test_sequential_hessian_comes_from_pruned_inputs(gen, solved_hessians):
     """The second layer's Hessian equals one built by hand from the *pruned* first layer's outputs."""
     model = TwoLayer().eval()
     calib = [torch.randn(4, 8, 10, 10, generator=gen) for _ in range(3)]
-    seen = {}
-    real = sgfx.passes.prune_layers.sparsegpt_prune
-
-    def spy(weight, hessian, *args, **kwargs):
-        seen[weight.shape] = hessian.clone()
-        return real(weight, hessian, *args, **kwargs)
-
-    monkeypatch.setattr(sgfx.passes.prune_layers, "sparsegpt_prune", spy)
     gm = sgfx.sparsify(model, calib, "2:4")
     conv2 = gm.conv2
     layer = sgfx.layers.PrunableLayer.from_module("conv2", conv2)
@@ -97,7 +89,7 @@ def test_sequential_hessian_comes_from_pruned_inputs(gen, monkeypatch):
             rows.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
         return hessian_of(torch.cat(rows))[perm][:, perm]
 
-    got = seen[(8, 16 * 9)]
+    got = dict(solved_hessians)[(8, 16 * 9)]
     torch.testing.assert_close(got, by_hand(gm.conv1), rtol=1e-5, atol=1e-6)
     dense_version = by_hand(model.conv1)
     assert not torch.allclose(got, dense_version, rtol=1e-3, atol=1e-4), "Hessian was built from dense inputs"
@@ -204,19 +196,11 @@ def test_graph_module_input_not_mutated(gen):
     assert gm is not traced and all(torch.equal(v, traced.state_dict()[k]) for k, v in before.items())
 
 
-def test_layers_inside_leaf_modules_are_pruned_sequentially(gen, monkeypatch):
+def test_layers_inside_leaf_modules_are_pruned_sequentially(gen, solved_hessians):
     """A leaf module stays one graph node; its layers are pruned in execution order, conv2 from the *pruned*
     conv1's outputs (the module run as a unit, a hook recording conv2's input)."""
     model = nn.Sequential(TwoLayer(), nn.Conv2d(8, 8, 1)).eval()
     calib = [torch.randn(2, 8, 6, 6, generator=gen) for _ in range(2)]
-    seen = {}
-    real = sgfx.passes.prune_layers.sparsegpt_prune
-
-    def spy(weight, hessian, *args, **kwargs):
-        seen[tuple(weight.shape)] = hessian.clone()
-        return real(weight, hessian, *args, **kwargs)
-
-    monkeypatch.setattr(sgfx.passes.prune_layers, "sparsegpt_prune", spy)
     gm = plain_sparsify(model, calib, "2:4", leaf_modules=[TwoLayer])
     assert [n.op for n in gm.graph.nodes if n.target == "0"] == ["call_module"]  # still one node
     records = {r.name: r for r in sgfx.get_report(gm).layers}
@@ -232,9 +216,9 @@ def test_layers_inside_leaf_modules_are_pruned_sequentially(gen, monkeypatch):
         return hessian_of(torch.cat(rows))[perm][:, perm]
 
     with torch.no_grad():
-        torch.testing.assert_close(seen[(8, 144)].double(), by_hand(gm.get_submodule("0").conv1), rtol=1e-4,
+        torch.testing.assert_close(dict(solved_hessians)[(8, 144)], by_hand(gm.get_submodule("0").conv1), rtol=1e-4,
                                    atol=1e-5)
-        assert not torch.allclose(seen[(8, 144)].double(), by_hand(model[0].conv1), rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(dict(solved_hessians)[(8, 144)], by_hand(model[0].conv1), rtol=1e-3, atol=1e-4)
 
 
 def test_report_table_and_records(gen):
@@ -393,21 +377,13 @@ def test_explicit_cpu_device_gives_the_same_weights(gen):
         assert torch.equal(got, expected), name
 
 
-def test_weights_passed_to_a_wrapped_function_are_pruned_sequentially(gen, monkeypatch):
+def test_weights_passed_to_a_wrapped_function_are_pruned_sequentially(gen, solved_hessians):
     """A wrapped function's F.linear weights are pruned in use order, w_out from relu(x·w_in) with w_in pruned; a
     weight it uses otherwise (a matmul) is reported, not silent."""
     from models import WrappedFunctionNet
 
     model = WrappedFunctionNet().eval()
     calib = [torch.randn(64, 16, generator=gen) for _ in range(2)]
-    seen = {}
-    real = sgfx.passes.prune_layers.sparsegpt_prune
-
-    def spy(weight, hessian, *args, **kwargs):
-        seen[tuple(weight.shape)] = hessian.clone()
-        return real(weight, hessian, *args, **kwargs)
-
-    monkeypatch.setattr(sgfx.passes.prune_layers, "sparsegpt_prune", spy)
     gm = plain_sparsify(model, calib, "2:4")
     assert any(n.op == "call_function" and n.target.__name__ == "gated_mlp" for n in gm.graph.nodes)  # kept whole
     records = {r.name: r for r in sgfx.get_report(gm).layers}
@@ -416,6 +392,6 @@ def test_weights_passed_to_a_wrapped_function_are_pruned_sequentially(gen, monke
     assert sgfx.check_pattern(gm, "2:4")
     with torch.no_grad():
         hidden = [F.relu(F.linear(gm.fc(x), gm.w_in)) for x in calib]
-        torch.testing.assert_close(seen[(16, 32)].double(), hessian_of(torch.cat(hidden)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dict(solved_hessians)[(16, 32)], hessian_of(torch.cat(hidden)), rtol=1e-4, atol=1e-5)
         dense = [F.relu(F.linear(gm.fc(x), model.w_in)) for x in calib]
-        assert not torch.allclose(seen[(16, 32)].double(), hessian_of(torch.cat(dense)), rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(dict(solved_hessians)[(16, 32)], hessian_of(torch.cat(dense)), rtol=1e-3, atol=1e-4)

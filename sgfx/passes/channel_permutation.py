@@ -22,6 +22,7 @@ greedy local search swaps channels between random pairs of groups while the sali
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -103,9 +104,10 @@ def find_permutation_groups(gm: torch.fx.GraphModule, pruned: set[Node], pattern
     """Producers whose channels may be reordered: every consumer is in ``pruned``, and the channel count is a
     multiple of ``pattern.m`` (more than one group)."""
     groups = []
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     for node in gm.graph.nodes:
         kind = _layer_kind(_module(gm, node))
-        if kind is None:
+        if kind is None or calls[str(node.target)] > 1:  # a module called twice: its other calls would change
             continue
         group, frontier, valid = PermutationGroup(node), [node], True
         while frontier and valid:
@@ -120,7 +122,8 @@ def find_permutation_groups(gm: torch.fx.GraphModule, pruned: set[Node], pattern
                 else:
                     valid = False
                     break
-        if not valid or not group.consumers or any(c not in pruned for c in group.consumers):
+        if not valid or not group.consumers or any(c not in pruned or calls[str(c.target)] > 1
+                                                   for c in group.consumers):
             continue
         channels = _module(gm, node).weight.shape[0]
         if channels % pattern.m or channels <= pattern.m:

@@ -94,10 +94,11 @@ def find_function_blocks(gm: torch.fx.GraphModule, found: dict[Node, PrunableLay
     return blocks
 
 
-def record_function_inputs(node: Node, block: LeafBlock, calls: list[tuple[tuple, dict]]
+def record_function_inputs(node: Node, weights: dict[str, torch.Tensor], calls: list[tuple[tuple, dict]]
                            ) -> tuple[list[str], dict[str, list[torch.Tensor]]]:
-    """Run a wrapped function on each call; the order its weights are first used by ``F.linear``, and the inputs."""
-    recorder = _LinearRecorder({name: layer.weight for name, layer in block.layers.items()})
+    """Run a wrapped function on each call; the order in which ``F.linear`` first uses each of ``weights`` (by
+    identity), and the inputs it multiplies them with."""
+    recorder = _LinearRecorder(weights)
     with torch.no_grad(), recorder:
         for args, kwargs in calls:
             node.target(*args, **kwargs)

@@ -166,21 +166,20 @@ class SequentialPruner(torch.fx.Interpreter):
     def _prune_function_block(self, n: Node, block: LeafBlock, calls: list, batches: int) -> None:
         """Prune the weights a wrapped function multiplies with ``F.linear``, in the order it uses them, each from
         its inputs recorded while the function runs on this node's inputs (the ones before already pruned)."""
-        order, _ = record_function_inputs(n, block, calls[:1])
+        weights = {name: layer.weight for name, layer in block.layers.items()}
+        order, _ = record_function_inputs(n, weights, calls[:1])
         for name in sorted(set(block.layers) - set(order)):
             if hasattr(self.prune, "skip"):
                 self.prune.skip(block.layers[name], f"passed to {block.name}, which does not multiply by it with "
                                                     "F.linear (not a prunable use)")
         dense_calls = None if self.dense is None else calls_of(n, self.dense_env, batches)
         for name in order:
-            _, inputs = record_function_inputs(n, block, calls)
+            inputs = record_function_inputs(n, {name: weights[name]}, calls)[1][name]
             dense_inputs = None
-            if dense_calls is not None:  # the dense copy's own parameters, by the same path
-                dense_block = LeafBlock(block.name, {name: PrunableLayer(name, "Linear",
-                                                                           fetch_tensor(self.dense.module, name))},
-                                        function=block.function)
-                dense_inputs = record_function_inputs(n, dense_block, dense_calls)[1][name]
-            self.prune(block.layers[name], inputs[name], dense_inputs)
+            if dense_calls is not None:  # the dense copy's own parameter, by the same path
+                dense_weight = {name: fetch_tensor(self.dense.module, name)}
+                dense_inputs = record_function_inputs(n, dense_weight, dense_calls)[1][name]
+            self.prune(block.layers[name], inputs, dense_inputs)
 
     def _run_batch(self, node: Node, index: int, runner: torch.fx.Interpreter | None = None) -> Any:
         self._batch_index = index  # for error messages
