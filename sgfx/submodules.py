@@ -126,6 +126,10 @@ def structured_args(module: nn.Module, call: CallInputs) -> dict[str, Any]:
             continue
         if isinstance(value, (list, tuple, dict)) and tensors_of(value):
             concrete[name] = tree_map(lambda leaf: PH if isinstance(leaf, torch.Tensor) else leaf, value)
+        elif tensors_of(value):  # e.g. torchvision's ImageList: fixing it would bake the first call's tensors in
+            raise TypeError(f"{type(module).__name__}.forward takes {name!r} as a {type(value).__name__} holding "
+                            "tensors, which cannot be a traced graph input (tensors, and lists/tuples/dicts of "
+                            "them, can): name its children instead")
         else:
             concrete[name] = value
     return concrete
@@ -160,8 +164,9 @@ def _try_graph(module: nn.Module, call: tuple[CallInputs, Any], config: Sparsify
 
 
 def choose_submodules(model: nn.Module, item: Any, config: SparsifyConfig) -> tuple[list[str], dict[str, str]]:
-    """The largest submodules of ``model`` that trace and reproduce their outputs on ``item`` (execution order),
-    and {name: reason} for the modules with weights that could not be used."""
+    """The largest proper submodules of ``model`` that trace and reproduce their outputs on ``item`` (execution
+    order), and {name: reason} for the modules with weights that could not be used. (A model that traces whole is
+    better pruned without ``submodules=``; here its children are taken.)"""
     order, first = _first_calls(model, item)
     chosen, refused = [], {}
 
@@ -169,13 +174,14 @@ def choose_submodules(model: nn.Module, item: Any, config: SparsifyConfig) -> tu
         if not _has_weights(module):
             return
         if name not in first:
-            refused[name or type(model).__name__] = "never called on the calibration data"
+            refused[name] = "never called on the calibration data"
             return
-        gm, why = _try_graph(module, first[name], config)
-        if gm is not None:
-            chosen.append(name)
-            return
-        refused[name or type(model).__name__] = why
+        if name:  # the model itself is never a candidate: the result keeps its class, its children are traced
+            gm, why = _try_graph(module, first[name], config)
+            if gm is not None:
+                chosen.append(name)
+                return
+            refused[name] = why
         for child_name, child in module.named_children():
             visit(f"{name}.{child_name}" if name else child_name, child)
 
@@ -236,6 +242,7 @@ def sparsify_submodules(model: nn.Module, calib: Any, config: SparsifyConfig, su
         if not names:
             raise TraceError(f"submodules='auto' found no traceable submodule with weights in "
                              f"{type(model).__name__}: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+        logger.info("submodules='auto' could not use: %s", refused)
         logger.info("submodules='auto' chose %s", names)
     else:
         names = _check_names(owned, submodules)
@@ -253,7 +260,7 @@ def sparsify_submodules(model: nn.Module, calib: Any, config: SparsifyConfig, su
         per_forward = len(calls) / len(items)
         try:
             gm = trace(sub, config.leaf_modules, structured_args(sub, calls[0]))
-        except TraceError as exc:
+        except (TraceError, TypeError) as exc:
             raise TraceError(f"submodule {name!r}: {exc}") from exc
         gm.train(False)
         prune_graph(gm, calls, config, callback, progress, warn_dense=False)

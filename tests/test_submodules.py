@@ -42,9 +42,8 @@ def test_submodules_pruned_and_model_type_kept(submodules, gen):
     with torch.no_grad():
         out = det(images[0])  # the model's own forward, post-processing included
     assert len(out) == 2 and set(out[0]) == {"scores", "boxes"}
-    if submodules == "auto":
-        assert "TinyDetector" in report.refused_submodules  # what it could not trace, and why
-        assert "cannot trace" in report.refused_submodules["TinyDetector"]
+    if submodules == "auto":  # the model itself is not a candidate; both children trace
+        assert report.refused_submodules == {}
 
 
 def test_shared_head_is_calibrated_on_every_level_from_the_pruned_backbone(gen, solved_hessians):
@@ -130,3 +129,54 @@ def test_save_and_load_a_submodules_model(gen, tmp_path):
         a, b = det(images[0]), loaded.eval()(images[0])
     for x, y in zip(a, b):
         torch.testing.assert_close(x["scores"], y["scores"])
+
+
+class _Boxed:
+    """An object holding tensors that is not a pytree (as torchvision's ImageList)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+
+class _DictHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, features: dict):
+        return {k: self.conv(v) for k, v in features.items()}
+
+
+class _BoxedHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, boxed):
+        return self.conv(boxed.tensors)
+
+
+class _Parent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dict_head = _DictHead()
+        self.boxed_head = _BoxedHead()
+
+    def forward(self, images: list):
+        x = self.stem(torch.stack(images))
+        out = self.dict_head({"a": x, "b": x[..., ::2, ::2]})
+        return [out["a"].sum() + out["b"].sum() + self.boxed_head(_Boxed(x)).sum() for _ in images]
+
+
+def test_dict_inputs_trace_and_objects_holding_tensors_are_refused(gen):
+    model = _Parent().eval()
+    images = _images(gen, batches=2)
+    det = sgfx.sparsify(model, images, "2:4", submodules=["dict_head"])
+    assert {r.weight_name for r in sgfx.get_report(det).pruned_layers} == {"dict_head.conv.weight"}
+    assert isinstance(det.dict_head, torch.fx.GraphModule)
+    with pytest.raises(sgfx.TraceError, match="'boxed_head'.*_Boxed holding tensors"):
+        sgfx.sparsify(model, images, "2:4", submodules=["boxed_head"])
+    auto = sgfx.get_report(sgfx.sparsify(model, images, "2:4", submodules="auto"))
+    assert "boxed_head" in auto.refused_submodules and "holding tensors" in auto.refused_submodules["boxed_head"]
+    assert "boxed_head.conv.weight" in {r.weight_name for r in auto.pruned_layers}  # auto went one level down
