@@ -20,7 +20,7 @@ from .passes.channel_permutation import permute_channels as permute_channel_grou
 from .passes.inventory import dense_summary, unpruned_weight_records
 from .passes.leaf_blocks import find_leaf_blocks
 from .passes.prune_layers import progress_bar, prune_sequentially
-from .passes.sequential_prune import find_prunable_layers, match_skip, schedule_by_depth
+from .passes.sequential_prune import find_prunable_layers, match_skip, schedule_shared_uses
 from .passes.trace import trace
 from .report import REPORT_KEY, LayerRecord, SparsityReport
 
@@ -140,8 +140,8 @@ def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyCo
     folded = []
     if config.fold_weight_transforms:
         folded = fold_transforms(gm, _module_inputs(gm, batches[0], has_own_forward))
-    if any(len(layer.uses) > 1 for layer in find_prunable_layers(gm).values()) and schedule_by_depth(gm):
-        logger.info("weights shared by several calls: graph reordered by depth so all their inputs are available")
+    if schedule_shared_uses(gm, find_prunable_layers(gm)):
+        logger.info("weights shared by several calls: graph reordered so that all their inputs exist when pruned")
     records, others, to_prune, blocks, inner = _discover(gm, config, kept_whole)
     result = SparsityReport(str(config.sparsity), config.method, list(records.values()) + others)
     result.opened_attention, result.folded = opened, folded

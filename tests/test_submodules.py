@@ -180,3 +180,37 @@ def test_dict_inputs_trace_and_objects_holding_tensors_are_refused(gen):
     auto = sgfx.get_report(sgfx.sparsify(model, images, "2:4", submodules="auto"))
     assert "boxed_head" in auto.refused_submodules and "holding tensors" in auto.refused_submodules["boxed_head"]
     assert "boxed_head.conv.weight" in {r.weight_name for r in auto.pruned_layers}  # auto went one level down
+
+
+def test_shared_use_scheduling_keeps_the_function_and_refuses_aliased_in_place_ops(gen):
+    from sgfx.passes.sequential_prune import find_prunable_layers, schedule_shared_uses
+
+    class Levels(torch.nn.Module):  # a head shared by two levels, the second level computed after the first head
+        def __init__(self, inplace_alias=False):
+            super().__init__()
+            self.down = torch.nn.Conv2d(8, 8, 3, 2, 1)
+            self.head = torch.nn.Conv2d(8, 4, 3, padding=1)
+            self.inplace_alias = inplace_alias
+
+        def forward(self, x):
+            a = self.head(x)
+            y = self.down(x)
+            if self.inplace_alias:
+                z = y * 2
+                y.relu_()  # mutates y, which z's consumer below also reads
+                return a.mean() + self.head(y).mean() + (z + y).mean()
+            return a.mean() + self.head(y).mean()
+
+    x = torch.randn(2, 8, 8, 8, generator=gen)
+    gm = torch.fx.symbolic_trace(Levels())
+    with torch.no_grad():
+        before = gm(x)
+        assert schedule_shared_uses(gm, find_prunable_layers(gm))
+        torch.testing.assert_close(gm(x), before)
+    names = [n.name for n in gm.graph.nodes]
+    assert names.index("down") < names.index("head")  # both levels' inputs exist at the first head call
+    pruned = sgfx.sparsify(Levels().eval(), x, "2:4")
+    head = {r.name: r for r in sgfx.get_report(pruned).layers}["head"]
+    assert head.uses == 2 and head.samples == 2 * (8 * 8 + 4 * 4)  # calibrated on both calls
+    aliased = torch.fx.symbolic_trace(Levels(inplace_alias=True))
+    assert not schedule_shared_uses(aliased, find_prunable_layers(aliased))

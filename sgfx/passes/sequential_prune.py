@@ -12,6 +12,8 @@ dropped as soon as their last user has run (the Interpreter's garbage collection
 from __future__ import annotations
 
 import fnmatch
+import heapq
+import operator
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,7 +24,7 @@ from ..calibration import describe, placeholder_values
 from ..layers import PrunableLayer, fetch_tensor, find_layer
 from .leaf_blocks import LeafBlock, calls_of, execution_order, record_function_inputs, record_inputs
 
-__all__ = ["CalibrationError", "find_prunable_layers", "schedule_by_depth", "match_skip", "SequentialPruner"]
+__all__ = ["CalibrationError", "find_prunable_layers", "schedule_shared_uses", "match_skip", "SequentialPruner"]
 
 
 class CalibrationError(ValueError):
@@ -51,18 +53,59 @@ def find_prunable_layers(gm: torch.fx.GraphModule,
     return layers
 
 
-def schedule_by_depth(gm: torch.fx.GraphModule) -> bool:
-    """Reorder ``gm``'s nodes by depth (longest path from the inputs; stable) when a layer's weight is used by
-    several nodes, so that the inputs of all its uses exist when its first use is pruned (a head applied to each
-    feature level runs level by level at every depth). Returns whether the order changed; the function does not."""
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_inplace(gm: torch.fx.GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
+    return False
+
+
+def _unsafe_to_reorder(gm: torch.fx.GraphModule) -> bool:
+    """An in-place op on a value that other nodes also read: moving nodes could let them see it mutated."""
+    return any(_is_inplace(gm, n) and n.args and isinstance(n.args[0], Node) and len(n.args[0].users) > 1
+               for n in gm.graph.nodes)
+
+
+def schedule_shared_uses(gm: torch.fx.GraphModule, layers: dict[Node, PrunableLayer]) -> bool:
+    """Reorder ``gm``'s nodes (a stable topological order) so that every node calling a weight shared by several
+    calls runs only once the inputs of *all* those calls exist: its first use, where the sweep prunes it, then sees
+    every call's inputs (a head applied to each feature level). Returns whether the order changed; the function
+    does not. Left as it is when that is impossible (a use's input depends on another use: recurrence) or unsafe
+    (an in-place op mutates a value other nodes read): the layer is then calibrated on the uses whose inputs
+    exist at its first call."""
+    extra: dict[Node, set[Node]] = {}
+    for layer in layers.values():
+        inputs = {u.args[0] for u in layer.uses if isinstance(u.args[0], Node)}
+        for use in layer.uses if len(layer.uses) > 1 else []:
+            extra.setdefault(use, set()).update(inputs)
+    if not extra or _unsafe_to_reorder(gm):
+        return False
     nodes = list(gm.graph.nodes)
-    depth: dict[Node, int] = {}
-    for node in nodes:
-        depth[node] = 1 + max((depth[n] for n in node.all_input_nodes), default=-1)
-        if node.op == "output":
-            depth[node] = len(nodes) + 1  # stays last
-    order = sorted(nodes, key=lambda n: (depth[n], nodes.index(n)))
-    if order == nodes:
+    position = {node: index for index, node in enumerate(nodes)}
+    needs = {n: set(n.all_input_nodes) | extra.get(n, set()) for n in nodes}
+    needs[nodes[-1]] = set(nodes[:-1])  # the output node stays last
+    users: dict[Node, list[Node]] = {n: [] for n in nodes}
+    for node, required in needs.items():
+        for r in required:
+            users[r].append(node)
+    waiting = {n: len(required) for n, required in needs.items()}
+    ready = [position[n] for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        node = nodes[heapq.heappop(ready)]
+        order.append(node)
+        for user in users[node]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, position[user])
+    if len(order) != len(nodes) or order == nodes:  # a cycle (recurrent use) or nothing to move
         return False
     nodes[0].prepend(order[0])
     for previous, node in zip(order, order[1:]):
