@@ -81,12 +81,11 @@ def _module_inputs(gm: torch.fx.GraphModule, batch: Any, wanted) -> dict[str, to
     return inputs
 
 
-def _discover(gm: torch.fx.GraphModule, config: SparsifyConfig, kept_whole: dict[str, str]):
-    """Records for every weight; the graph's prunable layers and the leaf modules with prunable layers inside, to
-    prune (skip/eligibility applied)."""
+def _discover(gm: torch.fx.GraphModule, config: SparsifyConfig, kept_whole: dict[str, str], found: dict,
+              rejected: dict):
+    """Records for every weight; the graph's prunable layers (``found``, with the calls ``rejected``) and the leaf
+    modules with prunable layers inside, to prune (skip/eligibility applied)."""
     pattern_name = str(config.sparsity)
-    rejected: dict = {}
-    found = find_prunable_layers(gm, rejected)
     blocks = find_leaf_blocks(gm, found, set(kept_whole))
     records: dict[str, LayerRecord] = {}
     to_prune, used_skips = {}, set()
@@ -140,9 +139,11 @@ def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyCo
     folded = []
     if config.fold_weight_transforms:
         folded = fold_transforms(gm, _module_inputs(gm, batches[0], has_own_forward))
-    if schedule_shared_uses(gm, find_prunable_layers(gm)):
+    rejected: dict = {}
+    found = find_prunable_layers(gm, rejected)
+    if schedule_shared_uses(gm, found):  # same nodes, new order: ``found`` stays valid
         logger.info("weights shared by several calls: graph reordered so that all their inputs exist when pruned")
-    records, others, to_prune, blocks, inner = _discover(gm, config, kept_whole)
+    records, others, to_prune, blocks, inner = _discover(gm, config, kept_whole, found, rejected)
     result = SparsityReport(str(config.sparsity), config.method, list(records.values()) + others)
     result.opened_attention, result.folded = opened, folded
     if not to_prune and not blocks:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import NMPattern, parse_pattern
-from .layers import PrunableLayer, fetch_tensor
+from .layers import fetch_tensor, layer_for_module
 from .layout import nm_axis, nm_groups
 from .report import find_report
 
@@ -64,11 +64,9 @@ def _weights_to_check(module: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
         return [(r.weight_name, fetch_tensor(module, r.weight_name), nm_axis(r.op)) for r in found.layers if r.pruned]
     items = []
     for name, m in module.named_modules():
-        try:
-            layer = PrunableLayer.from_module(name, m)
-        except TypeError:
-            continue
-        items.append((f"{name}.weight", m.weight, layer.nm_axis))
+        layer = layer_for_module(name, m)
+        if layer is not None:
+            items.append((f"{name}.weight", m.weight, layer.nm_axis))
     return items
 
 

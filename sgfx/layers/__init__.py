@@ -6,13 +6,13 @@ Kinds (one module each; registering a new one touches one file): :mod:`.linear` 
 ``nn.MultiheadAttention`` is opened up into ``F.linear`` calls by :mod:`sgfx.passes.attention` before discovery.
 """
 
-from .base import KINDS, LayerUnsupported, PrunableLayer, fetch_tensor, find_layer, register
+from .base import KINDS, LayerUnsupported, PrunableLayer, fetch_tensor, find_layer, layer_for_module, register
 from .conv import ConvLayer, conv_column_permutation
 from .conv_transpose import ConvTransposeLayer
 from .hessian import HessianAccumulator
 from .linear import LinearLayer
 from .module_conv import ModuleConvLayer, fold_weight_transforms, has_own_forward
 
-__all__ = ["PrunableLayer", "LayerUnsupported", "KINDS", "register", "find_layer", "fetch_tensor", "LinearLayer",
+__all__ = ["PrunableLayer", "LayerUnsupported", "KINDS", "register", "find_layer", "layer_for_module", "fetch_tensor", "LinearLayer",
            "ConvLayer", "ConvTransposeLayer", "ModuleConvLayer", "HessianAccumulator", "conv_column_permutation",
            "fold_weight_transforms", "has_own_forward"]

@@ -27,7 +27,7 @@ from torch.fx.node import Node
 from ..config import NMPattern, Pattern
 from ..layout import nm_axis
 
-__all__ = ["PrunableLayer", "LayerUnsupported", "register", "KINDS", "fetch_tensor"]
+__all__ = ["PrunableLayer", "LayerUnsupported", "register", "KINDS", "fetch_tensor", "layer_for_module", "find_layer"]
 
 KINDS: list[type["PrunableLayer"]] = []  # registered kinds, most specific first
 
@@ -71,14 +71,16 @@ class PrunableLayer:
 
     # ------------------------------------------------------------------------------------- discovery
     @classmethod
-    def from_module(cls, name: str, module: nn.Module) -> "PrunableLayer | None":
-        """The layer for a module of a registered kind (``cls`` itself: the registry picks the kind)."""
-        for kind in KINDS:
-            if isinstance(module, kind.module_types) and kind.accepts_module(module):
-                return kind.build_from_module(name, module)
-        if cls is PrunableLayer:
+    def from_module(cls, name: str, module: nn.Module) -> "PrunableLayer":
+        """The layer for a module of a registered kind (the registry picks the kind).
+
+        Raises:
+            TypeError: the module is not of a registered kind.
+        """
+        layer = layer_for_module(name, module)
+        if layer is None:
             raise TypeError(f"{name}: {type(module).__name__} is not a prunable layer kind")
-        return None
+        return layer
 
     @classmethod
     def accepts_module(cls, module: nn.Module) -> bool:
@@ -171,16 +173,20 @@ def bind_call(node: Node, argnames: tuple[str, ...], defaults: dict[str, Any]) -
     return bound
 
 
+def layer_for_module(name: str, module: nn.Module) -> PrunableLayer | None:
+    """The layer of the first registered kind that takes ``module``, or None."""
+    for kind in KINDS:
+        if isinstance(module, kind.module_types) and kind.accepts_module(module):
+            return kind.build_from_module(name, module)
+    return None
+
+
 def find_layer(gm: torch.fx.GraphModule, node: Node,
                on_reject: Callable[[str], None] | None = None) -> PrunableLayer | None:
     """The prunable layer ``node`` runs (a registered module kind, or a registered functional call whose weight
     is a ``get_attr``), else None. ``on_reject(reason)`` hears why a call of a known kind is not prunable."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        for kind in KINDS:
-            if isinstance(module, kind.module_types) and kind.accepts_module(module):
-                return kind.build_from_module(node.target, module)
-        return None
+        return layer_for_module(node.target, gm.get_submodule(node.target))
     if node.op != "call_function":
         return None
     claimed = False

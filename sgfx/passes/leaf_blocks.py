@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.fx.node import Node, map_arg
 
-from ..layers import LinearLayer, PrunableLayer, fetch_tensor
+from ..layers import LinearLayer, PrunableLayer, fetch_tensor, layer_for_module
 
 __all__ = ["LeafBlock", "find_leaf_blocks", "find_function_blocks", "record_inputs", "record_function_inputs",
            "execution_order", "calls_of"]
@@ -121,10 +121,7 @@ def find_leaf_blocks(gm: torch.fx.GraphModule, found: dict[Node, PrunableLayer],
         for sub_name, sub in gm.get_submodule(node.target).named_modules():
             if not sub_name:
                 continue
-            try:
-                layer = PrunableLayer.from_module(f"{node.target}.{sub_name}", sub)
-            except TypeError:
-                continue
+            layer = layer_for_module(f"{node.target}.{sub_name}", sub)
             if layer is not None and id(layer.weight) not in owned:
                 owned.add(id(layer.weight))
                 layer.uses = [node]

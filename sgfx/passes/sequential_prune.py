@@ -194,10 +194,8 @@ class SequentialPruner(torch.fx.Interpreter):
         dense_module = None if self.dense is None else self.dense.module.get_submodule(n.target)
         dense_calls = None if self.dense is None else calls_of(n, self.dense_env, batches)
         order = execution_order(module, block, *calls[0])
-        for name in sorted(set(block.layers) - set(order)):
-            if hasattr(self.prune, "skip"):
-                self.prune.skip(block.layers[name], f"inside leaf module {block.name}, whose forward never calls "
-                                                    "it (its weight is used another way)")
+        self._skip_unused(block, order, f"inside leaf module {block.name}, whose forward never calls it (its "
+                                        "weight is used another way)")
         for name in order:
             if name not in block.layers:
                 continue
@@ -206,15 +204,19 @@ class SequentialPruner(torch.fx.Interpreter):
                 dense_module, self.dense.module.get_submodule(name), dense_calls)
             self.prune(block.layers[name], inputs, dense_inputs)
 
+    def _skip_unused(self, block: LeafBlock, used: list[str], reason: str) -> None:
+        """Leave the block's layers its run did not use dense, with ``reason`` (when the pruner records skips)."""
+        for name in sorted(set(block.layers) - set(used)):
+            if hasattr(self.prune, "skip"):
+                self.prune.skip(block.layers[name], reason)
+
     def _prune_function_block(self, n: Node, block: LeafBlock, calls: list, batches: int) -> None:
         """Prune the weights a wrapped function multiplies with ``F.linear``, in the order it uses them, each from
         its inputs recorded while the function runs on this node's inputs (the ones before already pruned)."""
         weights = {name: layer.weight for name, layer in block.layers.items()}
         order, _ = record_function_inputs(n, weights, calls[:1])
-        for name in sorted(set(block.layers) - set(order)):
-            if hasattr(self.prune, "skip"):
-                self.prune.skip(block.layers[name], f"passed to {block.name}, which does not multiply by it with "
-                                                    "F.linear (not a prunable use)")
+        self._skip_unused(block, order, f"passed to {block.name}, which does not multiply by it with F.linear "
+                                        "(not a prunable use)")
         dense_calls = None if self.dense is None else calls_of(n, self.dense_env, batches)
         for name in order:
             inputs = record_function_inputs(n, {name: weights[name]}, calls)[1][name]
