@@ -13,6 +13,7 @@ from .hessian import HessianAccumulator
 from .linear import LinearLayer
 from .module_conv import ModuleConvLayer, fold_weight_transforms, has_own_forward
 
-__all__ = ["PrunableLayer", "LayerUnsupported", "KINDS", "register", "find_layer", "layer_for_module", "fetch_tensor", "LinearLayer",
+__all__ = ["PrunableLayer", "LayerUnsupported", "KINDS", "register", "find_layer", "layer_for_module", "fetch_tensor",
+           "LinearLayer",
            "ConvLayer", "ConvTransposeLayer", "ModuleConvLayer", "HessianAccumulator", "conv_column_permutation",
            "fold_weight_transforms", "has_own_forward"]
