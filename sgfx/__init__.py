@@ -12,7 +12,9 @@ from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
 from .finetune import finetune
 from .lowering import ExportError, OnnxExportReport, check_onnx_sparsity, export_onnx, lower
 from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune, wanda_prune
-from .passes.sequential_prune import CalibrationError
+from . import distributed
+from .calibration import CalibrationError
+from .memory import InsufficientMemory
 from .passes.trace import TraceError
 from .report import LayerRecord, SparsityReport, get_report, report
 from .serialization import SgfxFormatError, load, save
@@ -38,6 +40,8 @@ __all__ = [
     "LayerRecord",
     "SparsityReport",
     "CalibrationError",
+    "InsufficientMemory",
+    "distributed",
     "TraceError",
     "FactorizationError",
     "save",

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
+from . import distributed
+from .activations import ActivationStore, MappedValues
 from .calibration import calibration_batches, map_tensors, placeholder_values
 from .config import SparsifyConfig, Unstructured
+from .memory import activation_budget, current_rss, default_max_memory, estimate_memory, format_bytes
 from .layers import fold_weight_transforms as fold_transforms, has_own_forward
 from .passes.allocation import plan as plan_allocation
 from .passes.attention import open_attention
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _OPTION_NAMES = ("method", "blocksize", "percdamp", "skip", "device", "leaf_modules", "concrete_args", "allocation",
                  "budget", "target", "bn_reestimate", "dense_targets", "augment", "stats_correction",
-                 "permute_channels", "fold_weight_transforms")
+                 "permute_channels", "fold_weight_transforms", "max_memory", "spill_dir")
 
 
 def resolve_config(sparsity: Any, options: dict[str, Any]) -> SparsifyConfig:
@@ -63,6 +66,40 @@ def _restore_dtypes(gm: nn.Module, original: dict[str, torch.dtype]) -> None:
 def _model_device(gm: nn.Module) -> torch.device:
     tensor = next(iter(gm.parameters()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def new_store(config: SparsifyConfig, compute_device: torch.device | None = None) -> ActivationStore:
+    """An activation store for one run, with a provisional host budget (the cap less what is in use now) until
+    :func:`_plan_memory` sets the estimated one."""
+    cap = config.max_memory or default_max_memory()
+    return ActivationStore(max(cap - current_rss(), 0), compute_device, spill_dir=config.spill_dir)
+
+
+def _device_budget(device: torch.device) -> int:
+    """Accelerator memory activations may use: half of what is free when the sweep starts."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 2
+
+
+def _plan_memory(gm: torch.fx.GraphModule, batches, layers: list, config: SparsifyConfig, store: ActivationStore,
+                 convert) -> dict:
+    """Estimate the run, refuse it when it cannot fit, and give the store its budgets; returns the report's
+    memory entry (filled in with the store's peaks after the sweep)."""
+    cap = config.max_memory or default_max_memory()
+    dense_copy = bool(config.dense_targets) or config.stats_correction != "off"
+    estimate = estimate_memory(gm, batches, layers, dense_copy, convert)  # the batches as stored, run converted
+    store.budgets["host"] = activation_budget(estimate, cap, config.spill_dir)
+    store.budgets["device"] = _device_budget(store.compute_device)
+    store.rebalance()
+    logger.info("memory: cap %s; estimated %s with every activation in memory (%s)", format_bytes(cap),
+                format_bytes(estimate.in_memory), estimate.describe())
+    if estimate.in_memory > cap:
+        logger.info("memory: about %s of activations will spill to disk",
+                    format_bytes(estimate.activations - store.budgets["host"]))
+    return {"max_memory": cap, "estimated_in_memory": estimate.in_memory, "estimated_minimum": estimate.minimum,
+            "estimated_activations": estimate.activations}
 
 
 def _module_inputs(gm: torch.fx.GraphModule, batch: Any, wanted) -> dict[str, torch.Tensor]:
@@ -121,24 +158,47 @@ def _discover(gm: torch.fx.GraphModule, config: SparsifyConfig, kept_whole: dict
     return records, others, to_prune, blocks, inner
 
 
-def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyConfig,
-                callback: Callable[[LayerRecord], None] | None = None, progress: bool = False,
-                warn_dense: bool = True) -> torch.fx.GraphModule:
-    """Run sgfx's passes on a traced ``gm`` (owned by the caller, modified in place) over validated ``batches``;
-    attaches the report to ``gm.meta`` and returns ``gm``."""
+def prune_graph(gm: torch.fx.GraphModule, batches: Sequence[Any], config: SparsifyConfig,
+                callback: Callable[[LayerRecord], None] | None = None, progress: bool | None = False,
+                warn_dense: bool = True, store: ActivationStore | None = None) -> torch.fx.GraphModule:
+    """Run sgfx's passes on a traced ``gm`` (owned by the caller, modified in place) over validated ``batches``
+    (a list, or the calibration batches held by ``store``); attaches the report to ``gm.meta`` and returns ``gm``.
+    The sweep runs on ``config.device`` (default: the model's device); ``gm`` is returned where it was."""
+    model_device = _model_device(gm)
+    compute = config.device or model_device
+    own_store = store is None
+    store = new_store(config, compute) if own_store else store
+    store.compute_device = compute
+    if compute != model_device:
+        gm.to(compute)
+    try:
+        return _prune_graph(gm, batches, config, callback, progress, warn_dense, store)
+    finally:
+        if compute != model_device:
+            gm.to(model_device)
+        if own_store:
+            store.close()
+
+
+def _prune_graph(gm: torch.fx.GraphModule, batches: Sequence[Any], config: SparsifyConfig, callback,
+                 progress: bool | None, warn_dense: bool, store: ActivationStore) -> torch.fx.GraphModule:
     started = time.perf_counter()
     was_training = gm.training
     gm.eval()
     original_dtypes = _upcast_low_precision(gm)
     if original_dtypes:
         logger.info("low-precision model: calibrating and solving in float32, writing back in its dtypes")
-    model_device = _model_device(gm)
-    batches = [map_tensors(b, lambda t: t.to(model_device, torch.float32) if t.dtype in _LOW_PRECISION
-                           else t.to(model_device)) for b in batches]
+    compute = store.compute_device
+
+    def convert(batch: Any) -> Any:  # each batch reaches the graph on the compute device, low precision upcast
+        return map_tensors(batch, lambda t: t.to(compute, torch.float32) if t.dtype in _LOW_PRECISION
+                           else t.to(compute))
+
+    converted = MappedValues(batches, convert)
     opened, kept_whole = open_attention(gm)
     folded = []
     if config.fold_weight_transforms:
-        folded = fold_transforms(gm, _module_inputs(gm, batches[0], has_own_forward))
+        folded = fold_transforms(gm, _module_inputs(gm, converted[0], has_own_forward))
     rejected: dict = {}
     found = find_prunable_layers(gm, rejected)
     if schedule_shared_uses(gm, found):  # same nodes, new order: ``found`` stays valid
@@ -146,20 +206,23 @@ def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyCo
     records, others, to_prune, blocks, inner = _discover(gm, config, kept_whole, found, rejected)
     result = SparsityReport(str(config.sparsity), config.method, list(records.values()) + others)
     result.opened_attention, result.folded = opened, folded
+    result.distributed = distributed.describe()
     if not to_prune and not blocks:
         warnings.warn("sgfx: no prunable layer in this model; returning the traced graph unchanged", UserWarning,
                       stacklevel=3)
     else:
+        result.memory = _plan_memory(gm, batches, list(to_prune.values()) + list(inner.values()), config, store,
+                                     convert)  # before any work: a run that cannot fit is refused now
         if config.permute_channels:
             with torch.no_grad():
-                groups = permute_channel_groups(gm, batches, set(to_prune), config.sparsity)
+                groups = permute_channel_groups(gm, converted, set(to_prune), config.sparsity)
             result.permuted = [
                 {"producer": g.name, "consumers": [str(c.target) for c in g.consumers],
                  "channels": len(g.permutation), "kept_before": g.kept_before, "kept_after": g.kept_after}
                 for g in groups]
         patterns = {}
         if config.allocation == "global" or config.budget is not None:
-            patterns, kept_dense, result.allocation = plan_allocation(gm, batches, to_prune, config)
+            patterns, kept_dense, result.allocation = plan_allocation(gm, converted, to_prune, config)
             for node, layer in list(to_prune.items()):
                 record = records[layer.name]
                 if layer.name in kept_dense:
@@ -170,8 +233,12 @@ def prune_graph(gm: torch.fx.GraphModule, batches: list[Any], config: SparsifyCo
                     record.pattern = f"{pattern.sparsity:.1%} unstructured" if isinstance(pattern, Unstructured) \
                         else str(pattern)
                 record.level = float(patterns[layer.name].sparsity) if layer.name in patterns else 0.0
-        with progress_bar(progress, len(to_prune) + len(inner), callback) as on_layer:
-            prune_sequentially(gm, batches, to_prune, config, records, result, on_layer, patterns, blocks)
+        with progress_bar(progress, len(to_prune) + len(inner), callback, store) as on_layer:
+            prune_sequentially(gm, batches, to_prune, config, records, result, on_layer, patterns, blocks, store,
+                               convert)
+        stats = store.stats()
+        result.memory.update(peak_host_activations=stats.peak["host"], peak_device_activations=stats.peak["device"],
+                             spilled_bytes=stats.spilled_bytes, peak_disk_bytes=stats.peak_disk_bytes)
     _restore_dtypes(gm, original_dtypes)
     gm.train(was_training)
     result.total_s = time.perf_counter() - started
@@ -204,8 +271,10 @@ def sparsify(
     target: str | None = None,
     fold_weight_transforms: bool | None = None,
     submodules: Iterable[str] | str | None = None,
+    max_memory: int | str | None = None,
+    spill_dir: str | None = None,
     callback: Callable[[LayerRecord], None] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Prune a trained model's weights in one shot, without fine-tuning.
 
@@ -228,7 +297,8 @@ def sparsify(
         blocksize: columns per lazy-update block of the OBS solve (default 128).
         percdamp: Hessian damping as a fraction of its mean diagonal (default 0.01).
         skip: layer names or glob patterns to keep dense, e.g. ``["conv1", "fc*"]``.
-        device: where the solves run (e.g. ``"cuda"``); default: where the model is.
+        device: where calibration (forward passes, Hessians) and solves run, e.g. ``"cuda"``; the model copy moves
+            there for the run and the result is returned on the model's device. Default: where the model is.
         leaf_modules: module types or qualified names the tracer must not enter (their layers stay dense).
         concrete_args: forwarded to the tracer to specialise Python control flow.
         bn_reestimate: recompute the running statistics of every BatchNorm downstream of a pruned layer from
@@ -256,8 +326,15 @@ def sparsify(
             ``calib``, or ``"auto"`` (the largest traceable submodules). Each item of ``calib`` is then passed to
             the model exactly as given, ``model(item)``: for a torchvision detection model an item is a list of
             image tensors; for a loader of ``(input, target)`` pairs pass ``(x for x, _ in loader)``.
+        max_memory: host memory the run may use, bytes or ``"8GB"``: calibration activations beyond it spill to
+            disk (memory-mapped files, removed at the end). Default: the memory in use now plus 75 % of what the
+            machine has available. A run that cannot fit even with spilling is refused before it starts, with the
+            estimate.
+        spill_dir: directory for spilled activations (default: the system's temporary directory).
         callback: called with each layer's :class:`LayerRecord` once it is pruned (for progress bars).
-        progress: show a progress bar over the layers (tqdm, on stderr; off when stderr is not a terminal).
+        progress: a progress bar over the layers with the memory in use (tqdm, on stderr). ``None`` (default): shown
+            when stderr is a terminal and the ``sgfx`` logger is not set above WARNING (and only on rank 0 of a
+            process group).
 
     Returns:
         A new ``torch.fx.GraphModule`` equal to ``model`` except for the pruned weights, in the model's dtypes
@@ -276,8 +353,12 @@ def sparsify(
     """
     options = dict(zip(_OPTION_NAMES, (method, blocksize, percdamp, skip, device, leaf_modules, concrete_args,
                                        allocation, budget, target, bn_reestimate, dense_targets, augment,
-                                       stats_correction, permute_channels, fold_weight_transforms)))
+                                       stats_correction, permute_channels, fold_weight_transforms, max_memory,
+                                       spill_dir)))
     config = resolve_config(sparsity, options)
+    if distributed.is_active() and (config.allocation == "global" or config.budget is not None):
+        raise ValueError("allocation='global' and budget= are not supported across processes yet (their error "
+                         "curves are measured per process); run them in one process")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if callback is not None and not callable(callback):
@@ -291,11 +372,13 @@ def sparsify(
         from .submodules import sparsify_submodules
 
         return sparsify_submodules(model, calib, config, submodules, callback, progress)
-    batches = calibration_batches(calib)
-    if config.augment == "hflip":
-        if any(b.dim() != 4 for b in batches):
-            raise ValueError("augment='hflip' needs image batches of shape (B, C, H, W)")
-        batches = batches + [b.flip(-1) for b in batches]
     gm = trace(model, config.leaf_modules, config.concrete_args)
     gm.train(model.training)
-    return prune_graph(gm, batches, config, callback, progress)
+    with new_store(config, config.device or _model_device(gm)) as store:  # spill files removed on exit and error
+        batches = calibration_batches(calib, into=store.new("calibration batches", borrowed=True))
+        if config.augment == "hflip":
+            if any(b.dim() != 4 for b in batches):
+                raise ValueError("augment='hflip' needs image batches of shape (B, C, H, W)")
+            for index in range(len(batches)):
+                batches.append(batches[index].flip(-1))
+        return prune_graph(gm, batches, config, callback, progress, store=store)

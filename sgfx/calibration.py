@@ -15,7 +15,12 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["CallInputs", "calibration_batches", "placeholder_values", "map_tensors", "tensors_of", "describe"]
+__all__ = ["CallInputs", "CalibrationError", "calibration_batches", "placeholder_values", "map_tensors", "tensors_of",
+           "describe", "node_failure"]
+
+
+class CalibrationError(ValueError):
+    """Running the calibration data through the graph failed at a node."""
 
 
 @dataclass
@@ -57,6 +62,13 @@ def describe(batch: Any) -> str:
     return "input tensor shapes " + ", ".join(str(tuple(t.shape)) for t in tensors_of(batch)[:4])
 
 
+def node_failure(node: torch.fx.Node, batch: Any, exc: Exception, index: int | None = None) -> CalibrationError:
+    """The error for a graph node that failed on a calibration batch: names the node, the batch and the cause."""
+    where = f"on batch {index} " if index is not None else ""
+    return CalibrationError(f"calibration failed at node `{node.format_node()}` {where}({describe(batch)}): "
+                            f"{type(exc).__name__}: {exc}")
+
+
 def placeholder_values(graph: torch.fx.Graph, batch: Any) -> list[Any]:
     """The value of each placeholder of ``graph`` for one batch: a plain batch feeds the first placeholder (the
     others take their defaults); a :class:`CallInputs` is bound by position, then by name, then defaults.
@@ -94,11 +106,13 @@ def _check_tensor(x: torch.Tensor, index: int) -> None:
         raise ValueError(f"calibration batch {index} contains NaN or Inf values")
 
 
-def calibration_batches(calib: Any) -> list[torch.Tensor]:
+def calibration_batches(calib: Any, into: list | None = None) -> list[torch.Tensor]:
     """Materialise calibration data as a list of input tensors, validating each batch.
 
     Accepts one tensor (a single batch) or an iterable of batches, each a tensor or a tuple/list whose first
-    element is the input (as a ``DataLoader`` over a labelled dataset yields).
+    element is the input (as a ``DataLoader`` over a labelled dataset yields). ``into`` (e.g. a
+    :class:`sgfx.activations.BatchValues`, which may spill to disk as it grows) receives the batches instead of a
+    new list, and is returned.
 
     Raises:
         TypeError: not a tensor / iterable of tensors or tuples.
@@ -113,7 +127,7 @@ def calibration_batches(calib: Any) -> list[torch.Tensor]:
             items = iter(calib)
         except TypeError:
             raise TypeError(f"calib must be a tensor or an iterable of batches, got {type(calib).__name__}") from None
-    batches = []
+    batches = [] if into is None else into
     for index, item in enumerate(items):
         x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
         if not isinstance(x, torch.Tensor):

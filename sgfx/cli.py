@@ -134,7 +134,8 @@ def _sparsify(args: argparse.Namespace) -> int:
     loaded = _load(args.model, args.weights, args, (2, probe.channels, probe.size, probe.size))
     transform = _transform(args, loaded.transform)
     images = _image_set(args, args.calib, transform)
-    calib = [x for x, _ in _batches(images, args.batch_size, "sgfx: reading images", not args.quiet)]
+    # read while sparsify stores them (spilling to disk beyond --max-memory)
+    calib = (x for x, _ in _batches(images, args.batch_size, "sgfx: reading images", not args.quiet))
     submodules = None
     if args.submodules:
         submodules = "auto" if args.submodules == ["auto"] else args.submodules
@@ -148,7 +149,7 @@ def _sparsify(args: argparse.Namespace) -> int:
     gm = api.sparsify(model, calib, args.pattern, method=args.method, skip=args.skip or None,
                       device=args.device, allocation=args.allocation, budget=args.budget, target=args.target,
                       fold_weight_transforms=args.fold_weight_transforms or None, submodules=submodules,
-                      progress=not args.quiet)
+                      max_memory=args.max_memory, spill_dir=args.spill_dir, progress=False if args.quiet else None)
     del calib
     sizes = serialization.save(gm, args.output)
     _print_report(get_report(gm), args.json)
@@ -284,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models that cannot be traced whole (detection): prune these submodules, or 'auto'")
     p.add_argument("--fold-weight-transforms", action="store_true",
                    help="fold weight-standardised convs (NFNets) into plain convs so they are pruned (inference only)")
-    p.add_argument("--device", help="where the solves run, e.g. cuda")
+    p.add_argument("--device", help="where calibration and solves run, e.g. cuda")
+    p.add_argument("--max-memory", help="host memory the run may use, e.g. 8GB; activations beyond it spill to disk "
+                   "(default: what is in use plus 75%% of what is available)")
+    p.add_argument("--spill-dir", help="where activations spill (default: the system's temporary directory)")
     p.add_argument("-o", "--output", required=True, help="the .sgfx file to write")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_sparsify)
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sgfx {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, ImportError, OSError, RuntimeError) as exc:  # one line, no traceback (-v shows it)
+    except (ValueError, TypeError, ImportError, OSError, RuntimeError, MemoryError) as exc:  # one line (-v: traceback)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"sgfx {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILED

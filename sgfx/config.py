@@ -8,12 +8,14 @@ consecutive weights. Floats are unstructured fractions of weights set to zero.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 
+from .memory import parse_bytes
 __all__ = [
     "NMPattern",
     "Unstructured",
@@ -142,7 +144,7 @@ class SparsifyConfig:
         blocksize: columns per lazy-update block of the OBS solve.
         percdamp: damping added to the Hessian diagonal, as a fraction of its mean.
         skip: layer names or glob patterns (``fnmatch``) to leave dense.
-        device: where the OBS solves run (``None``: the layer's own device).
+        device: where calibration and the OBS solves run (``None``: the model's own device).
         leaf_modules: module types or qualified names the tracer must not enter.
         concrete_args: forwarded to ``torch.fx.Tracer.trace`` to specialise control flow.
         max_damping_retries: how many times damping is multiplied by 10 when Cholesky fails.
@@ -170,6 +172,11 @@ class SparsifyConfig:
             standardisation, e.g. NFNets' ``ScaledStdConv2d``) by a plain conv holding the transformed weight, so
             that it can be pruned (inference only: the result no longer standardises when trained). ``False``
             leaves such layers dense, with the reason in the report.
+        max_memory: host memory the calibration run may use, in bytes or as a string (``"8GB"``, ``"7.5GiB"``);
+            activations beyond it spill to disk. ``None``: the memory in use at the start plus 75 % of what the
+            machine has available then.
+        spill_dir: where activations spill (a temporary directory inside it, removed at the end); ``None``: the
+            system's temporary directory.
 
     ``None`` options resolve, on construction, to the best combination measured on the seed models
     (``docs/RESULTS.md``); the stored config holds the resolved values.
@@ -197,6 +204,8 @@ class SparsifyConfig:
     budget: float | None = None
     target: str = "weights"
     fold_weight_transforms: bool = False
+    max_memory: int | str | None = None
+    spill_dir: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -271,6 +280,14 @@ class SparsifyConfig:
             raise ValueError(f"unknown target {self.target!r}; accepted: {', '.join(TARGETS)}")
         if not isinstance(self.fold_weight_transforms, bool):
             raise TypeError(f"fold_weight_transforms must be True or False, got {self.fold_weight_transforms!r}")
+        if self.max_memory is not None:
+            set_("max_memory", parse_bytes(self.max_memory))
+        if self.spill_dir is not None:
+            if not isinstance(self.spill_dir, (str, os.PathLike)):
+                raise TypeError(f"spill_dir must be a path, got {type(self.spill_dir).__name__}")
+            if not os.path.isdir(self.spill_dir):
+                raise ValueError(f"spill_dir {str(self.spill_dir)!r} is not an existing directory")
+            set_("spill_dir", os.fspath(self.spill_dir))
 
     def replace(self, **changes: Any) -> "SparsifyConfig":
         """A copy with some fields changed (validated again)."""

@@ -60,6 +60,8 @@ class SparsityReport:
     folded: list[str] = field(default_factory=list)  # conv subclasses folded into plain convs (weight transforms)
     submodules: list[dict[str, Any]] = field(default_factory=list)  # submodules=: what was traced and its calls
     refused_submodules: dict[str, str] = field(default_factory=dict)  # submodules="auto": untraceable, with why
+    memory: dict[str, Any] = field(default_factory=dict)  # cap, estimate, activation store peaks, bytes spilled
+    distributed: dict[str, Any] = field(default_factory=dict)  # world_size and backend when run across processes
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]
@@ -89,6 +91,9 @@ class SparsityReport:
             + (f"; {len(self.opened_attention)} MultiheadAttention opened" if self.opened_attention else "")
             + (f"; {len(self.folded)} weight transforms folded" if self.folded else "")
             + (f"; {len(self.submodules)} submodules traced" if self.submodules else "")
+            + (f"; {self.memory['spilled_bytes'] / 1e9:.2f} GB of activations spilled to disk"
+               if self.memory.get("spilled_bytes") else "")
+            + (f"; calibrated on {self.distributed['world_size']} processes" if self.distributed else "")
             + (f"; {self.allocation['kind']} allocation: {self.allocation['achieved']:.2%} of prunable "
                f"{self.allocation['target']} " + ("in N:M layers" if self.allocation["kind"] == "budget" else "pruned")
                + f", search {self.allocation['search_s']:.1f} s" if self.allocation else "")

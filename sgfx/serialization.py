@@ -304,7 +304,8 @@ def _report_dict(report: SparsityReport) -> dict[str, Any]:
             "layers": report.to_dicts(), "bn_reestimated": report.bn_reestimated,
             "stats_corrected": report.stats_corrected, "permuted": report.permuted,
             "opened_attention": report.opened_attention, "folded": report.folded, "submodules": report.submodules,
-            "refused_submodules": report.refused_submodules}
+            "refused_submodules": report.refused_submodules, "memory": report.memory,
+            "distributed": report.distributed}
 
 
 def save(gm: nn.Module, path: str | os.PathLike) -> dict[str, int]:
@@ -525,7 +526,8 @@ def _decode_report(meta: dict) -> SparsityReport | None:
     return SparsityReport(info["pattern"], info["method"], layers, info["total_s"], info.get("bn_reestimated", []),
                           info.get("stats_corrected", []), info.get("permuted", []),
                           opened_attention=info.get("opened_attention", []), folded=info.get("folded", []),
-                          submodules=info.get("submodules", []), refused_submodules=info.get("refused_submodules", {}))
+                          submodules=info.get("submodules", []), refused_submodules=info.get("refused_submodules", {}),
+                          memory=info.get("memory", {}), distributed=info.get("distributed", {}))
 
 
 def read_pruned(path: str | os.PathLike) -> tuple[SparsityReport | None, dict[str, torch.Tensor]]:

@@ -315,3 +315,18 @@ def test_detection_model_with_submodules_auto(workspace, tmp_path, capsys):
     loaded = sgfx.load(out, model=torchvision.models.get_model("ssdlite320_mobilenet_v3_large", weights=None,
                                                                  weights_backbone=None, num_classes=3))
     assert sgfx.check_pattern(loaded, "2:4")
+
+
+def test_max_memory_and_spill_dir_flags(workspace, tmp_path, capsys):
+    root, _ = workspace
+    base = ["sparsify", str(root / "tiny.pt2"), "--calib", str(root / "images"), "--size", "16", "-o"]
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    assert cli.main(["-q"] + base + [str(tmp_path / "a.sgfx"), "--max-memory", "20GB", "--spill-dir", str(spill),
+                                     "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    assert memory["max_memory"] == 20 * 10 ** 9 and list(spill.iterdir()) == []
+    assert cli.main(["-q"] + base + [str(tmp_path / "b.sgfx"), "--max-memory", "1KB"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sgfx sparsify: error: sgfx: max_memory=0.00 GB is below the") and "\n" not in err
+    assert not (tmp_path / "b.sgfx").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from ..conv_gram import assemble, correlate, gram_flops, plan_blocks
 from .base import PrunableLayer
 
@@ -154,10 +155,24 @@ class HessianAccumulator:
         for rows in self._rows(kernel_x):
             self._buffer_rows(rows)
 
+    def _reduce(self) -> None:
+        """Add up the sums and counts of every rank (:mod:`sgfx.distributed`; nothing for one process)."""
+        if not distributed.is_active():
+            return
+        if self.sums is None:  # this rank's shard never reached the layer: contribute zeros
+            groups, cols = self.layer.num_groups, self.layer.columns
+            shape = (groups, cols) if self.diagonal_only else (groups, cols, cols)
+            dtype = torch.float64 if self.diagonal_only else self.dtype
+            self.sums = torch.zeros(shape, dtype=dtype, device=self.device)
+        distributed.all_reduce_sum(self.sums)
+        self.samples = distributed.all_reduce_count(self.samples)
+
     def finalize(self) -> list[torch.Tensor]:
-        """One (cols, cols) Hessian per group in solve column order (or its (cols,) diagonal)."""
+        """One (cols, cols) Hessian per group in solve column order (or its (cols,) diagonal), over the inputs of
+        every rank when calibrating across processes."""
         self._assemble_pieces()
         self._flush_rows()
+        self._reduce()
         if self.sums is None or self.samples == 0:
             raise ValueError(f"{self.layer.name}: no calibration input reached this layer")
         hessians, self.sums = self.sums, None

@@ -19,6 +19,8 @@ import torch.fx
 from torch import nn
 from torch.fx.node import Node
 
+from .. import distributed
+
 __all__ = ["batchnorms_after_pruned", "reestimate_batchnorm"]
 
 
@@ -45,7 +47,7 @@ def reestimate_batchnorm(bn: nn.Module, inputs: list[torch.Tensor]) -> None:
     Each batch's mean and biased variance come from the training-mode batch-norm kernel (about 3x faster than
     ``var_mean`` over dims (0, 2, 3) on CPU; it returns ``1/sqrt(var)`` with eps 0, a float32 rounding away from
     ``var``); batches are combined exactly in float64 (Chan et al.'s pairwise formula), so the result equals the
-    statistics of all inputs pooled.
+    statistics of all inputs pooled. Across processes the ranks' statistics are pooled the same way.
     """
     count, mean, m2 = 0, None, None
     for x in inputs:
@@ -53,16 +55,27 @@ def reestimate_batchnorm(bn: nn.Module, inputs: list[torch.Tensor]) -> None:
         _, mean_b, inv_std = torch.ops.aten.native_batch_norm(x.float(), None, None, None, None, True, 0.0, 0.0)
         inv_std = inv_std.double()
         var_b = torch.where(inv_std > 0, inv_std.pow(-2), 0.0)  # the kernel reports a constant channel as 0
-        mean_b = mean_b.double()
-        if mean is None:
-            count, mean, m2 = n, mean_b, var_b * n
-            continue
-        total = count + n
-        shift = mean_b - mean
-        mean = mean + shift * (n / total)
-        m2 = m2 + var_b * n + shift.square() * (count * n / total)
-        count = total
+        count, mean, m2 = _combine(count, mean, m2, n, mean_b.double(), var_b * n)
+    if distributed.is_active():  # every rank's (count, mean, M2), combined in rank order: the same on all ranks
+        channels = bn.running_mean.shape[0]
+        local = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=bn.running_mean.device)
+        if mean is not None:
+            local[0], local[1:1 + channels], local[1 + channels:] = count, mean, m2
+        count, mean, m2 = 0, None, None
+        for part in distributed.all_gather(local):
+            if part[0] > 0:
+                count, mean, m2 = _combine(count, mean, m2, int(part[0]), part[1:1 + channels],
+                                           part[1 + channels:])
     if count < 2:
         return
     bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
     bn.running_var.copy_((m2 / (count - 1)).to(bn.running_var.dtype))
+
+
+def _combine(count: int, mean, m2, n: int, mean_b: torch.Tensor, m2_b: torch.Tensor):
+    """Chan et al.'s pairwise update: the (count, mean, M2) of two sets pooled."""
+    if mean is None:
+        return n, mean_b, m2_b
+    total = count + n
+    shift = mean_b.to(mean.device) - mean
+    return total, mean + shift * (n / total), m2 + m2_b.to(mean.device) + shift.square() * (count * n / total)

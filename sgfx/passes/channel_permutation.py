@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import Node
 
-from ..calibration import describe, placeholder_values
+from .. import distributed
+from ..calibration import node_failure, placeholder_values
 from ..config import NMPattern
-from .sequential_prune import CalibrationError
 
 __all__ = ["PermutationGroup", "find_permutation_groups", "search_permutation", "kept_saliency",
            "apply_permutation", "permute_channels"]
@@ -278,18 +278,26 @@ def permute_channels(gm: torch.fx.GraphModule, batches: list[torch.Tensor], prun
             try:
                 return super().run_node(node)
             except Exception as exc:
-                raise CalibrationError(f"calibration failed at node `{node.format_node()}` ({describe(batch)}): "
-                                       f"{type(exc).__name__}: {exc}") from exc
+                raise node_failure(node, batch, exc) from exc
 
     runner = _Norms(gm)
     runner.extra_traceback = False
     for batch in batches:
         runner.run(*placeholder_values(gm.graph, batch))
-    for group in groups:
-        norms = sums[group.consumers[0]].sqrt()  # all consumers read the same tensor
-        saliency = torch.cat([_saliency_rows(_module(gm, c).weight, norms) for c in group.consumers])
+    for node in gm.graph.nodes:  # across processes: the saliencies of every rank's shard, in graph order
+        if node in sums:
+            distributed.all_reduce_sum(sums[node])
+    # Every saliency is taken before any group is applied: a group's consumers are permuted only along their input
+    # channels, by that group alone (producers come in graph order), so this equals scoring each group just before
+    # it is applied. Across processes each rank searches the groups it owns and broadcasts the order.
+    saliencies = [torch.cat([_saliency_rows(_module(gm, c).weight, sums[group.consumers[0]].sqrt())
+                             for c in group.consumers]) for group in groups]  # consumers read the same tensor
+    orders = {index: search_permutation(saliency, pattern, seed=seed) for index, saliency in enumerate(saliencies)
+              if distributed.owner(index) == distributed.rank()}
+    for index, (group, saliency) in enumerate(zip(groups, saliencies)):
+        order = orders.get(index, torch.empty(saliency.shape[1], dtype=torch.long))
+        order = distributed.broadcast_tensor(order, distributed.owner(index))
         identity = torch.arange(saliency.shape[1])
-        order = search_permutation(saliency, pattern, seed=seed)
         group.kept_before = kept_saliency(saliency, identity, pattern)
         group.kept_after = kept_saliency(saliency, order, pattern)
         apply_permutation(gm, group, order)

@@ -3,16 +3,19 @@
 Why one sweep: SparseGPT's guarantee holds layer by layer only if each layer's Hessian is built from the inputs
 it will really see, i.e. the outputs of the layers before it *after* they were pruned. Re-running the graph
 prefix for each layer costs O(L²) forward passes; instead this ``torch.fx.Interpreter`` runs the graph node by
-node over *all* calibration batches at once (each environment value is a list with one entry per batch). When it
+node over *all* calibration batches at once (each environment value holds one entry per batch). When it
 reaches a prunable node it first builds the Hessian from the inputs waiting there, prunes the weight in place,
-and only then computes that node's outputs, with the pruned weight, for the nodes after it. Activations are
-dropped as soon as their last user has run (the Interpreter's garbage collection).
+and only then computes that node's outputs, with the pruned weight, for the nodes after it. Each batch of a value
+is freed as soon as its last user has run on that batch. The values live in an :class:`sgfx.activations.
+ActivationStore`, which keeps them within a memory budget by spilling those needed furthest ahead to disk.
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import heapq
+import math
 import operator
 from typing import Any, Callable, Sequence
 
@@ -20,15 +23,12 @@ import torch
 import torch.fx
 from torch.fx.node import Node, map_arg
 
-from ..calibration import describe, placeholder_values
+from ..activations import ActivationStore, BatchValues, Concatenated, MappedValues
+from ..calibration import CalibrationError, node_failure, placeholder_values
 from ..layers import PrunableLayer, fetch_tensor, find_layer
 from .leaf_blocks import LeafBlock, calls_of, execution_order, record_function_inputs, record_inputs
 
 __all__ = ["CalibrationError", "find_prunable_layers", "schedule_shared_uses", "match_skip", "SequentialPruner"]
-
-
-class CalibrationError(ValueError):
-    """Running the calibration data through the graph failed at a node."""
 
 
 def find_prunable_layers(gm: torch.fx.GraphModule,
@@ -139,6 +139,7 @@ class SequentialPruner(torch.fx.Interpreter):
             (statistics correction uses it).
         blocks: optional ``{node: LeafBlock}``: leaf modules whose inner layers are pruned (through ``prune``)
             when the sweep reaches them, before they run.
+        store: where the per-batch values live (default: an unbounded store in memory).
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class SequentialPruner(torch.fx.Interpreter):
         dense: torch.fx.GraphModule | None = None,
         after_node: dict[Node, Callable[[list[Any], list[Any]], list[Any]]] | None = None,
         blocks: dict[Node, LeafBlock] | None = None,
+        store: ActivationStore | None = None,
     ):
         if after_node and dense is None:
             raise ValueError("after_node hooks compare with the dense model: pass dense")
@@ -162,25 +164,67 @@ class SequentialPruner(torch.fx.Interpreter):
         self.blocks = blocks or {}  # leaf modules whose inner layers are pruned when the node is reached
         self.dense = None if dense is None else torch.fx.Interpreter(dense)  # runs gm's nodes on dense weights
         self.dense_env: dict[Node, list[Any]] = {}
-        self._batches: list[Any] = []
-        self._inputs: list[list[Any]] = []  # per batch, the value of each placeholder
+        self.store = store or ActivationStore(host_bytes=1 << 62)
+        self.store.next_use = self._next_use
+        nodes = list(gm.graph.nodes)
+        self._position = {node: index for index, node in enumerate(nodes)}
+        self._user_positions = {node: sorted(self._position[u] for u in node.users) for node in nodes}
+        # a value mutated in place while other nodes also read it must stay one tensor: a spilled copy would not
+        # see the mutation
+        self._pinned = {n.args[0] for n in nodes if _is_inplace(gm, n) and n.args and isinstance(n.args[0], Node)
+                        and len(n.args[0].users) > 1}
+        self._now = 0  # position of the node being run
+        self._batches: Sequence[Any] = []
+        self._convert: Callable[[Any], Any] = lambda batch: batch
         self._batch_index = 0  # the batch being run, for error messages
         self._placeholders_seen = 0
 
-    def run_batches(self, batches: list[Any]) -> list[Any]:
+    def run_batches(self, batches: Sequence[Any], convert: Callable[[Any], Any] | None = None) -> list[Any]:
         """Run every batch (a tensor, or a :class:`sgfx.calibration.CallInputs`) through the graph; returns the
-        graph output of each batch."""
+        graph output of each batch. ``convert`` (device and dtype moves) is applied to each batch as it is read."""
         self._batches = batches
+        self._convert = convert or (lambda batch: batch)
+        checked = range(len(batches)) if not isinstance(batches[0], torch.Tensor) else [0]
         try:
-            self._inputs = [placeholder_values(self.module.graph, batch) for batch in batches]
+            for index in checked:
+                placeholder_values(self.module.graph, batches[index])
         except ValueError as exc:
             raise CalibrationError(str(exc)) from None
         self._placeholders_seen = 0
-        return self.run(enable_io_processing=False)
+        return list(self.run(enable_io_processing=False))
 
-    def _placeholder(self, node: Node) -> list[Any]:
+    def _next_use(self, values: BatchValues) -> float | None:
+        """Where the store should look first for values to spill: the position of the value's next reader
+        (infinity for calibration batches no longer read, -1 for values about to be freed, None: never)."""
+        node = getattr(values, "node", None)
+        if node is None:
+            return math.inf
+        if node in self._pinned:
+            return None
+        users = self._user_positions[node]
+        after = bisect.bisect_left(users, self._now)
+        if after < len(users):
+            return users[after]
+        return math.inf if values.borrowed else -1
+
+    def _placeholder(self, node: Node) -> Sequence[Any]:
         self._placeholders_seen += 1
-        return [values[self._placeholders_seen - 1] for values in self._inputs]
+        slot, graph, convert = self._placeholders_seen - 1, self.module.graph, self._convert
+        if isinstance(self._batches, BatchValues) and self._batches.node is None:
+            self._batches.node = node  # the calibration batches: spilled by this input's readers
+        return MappedValues(self._batches, lambda batch: placeholder_values(graph, convert(batch))[slot])
+
+    def _new_values(self, n: Node) -> BatchValues:
+        values = self.store.new(n.name)
+        values.node = n
+        return values
+
+    def _release_inputs(self, n: Node, env: dict, index: int) -> None:
+        """Free batch ``index`` of the values whose last reader is ``n``."""
+        for used in self.user_to_last_uses.get(n, []):
+            values = env.get(used)
+            if isinstance(values, BatchValues):
+                values.release(index)
 
     def _prune_block(self, n: Node, block: LeafBlock) -> None:
         """Prune the layers inside leaf module ``n`` in their execution order, each from its inputs while the
@@ -237,15 +281,27 @@ class SequentialPruner(torch.fx.Interpreter):
     def _run_dense(self, n: Node) -> None:
         """The node's outputs on the unpruned weights; frees dense values whose last use this is."""
         if n.op != "output":
-            self.dense_env[n] = [self._run_batch(n, i, self.dense) for i in range(len(self._batches))]
+            outputs = self._new_values(n)
+            for index in range(len(self._batches)):
+                outputs.append(self._run_batch(n, index, self.dense))
+                self._release_inputs(n, self.dense_env, index)
+            self.dense_env[n] = outputs
         for used in self.user_to_last_uses.get(n, []):
             self.dense_env.pop(used, None)
 
+    def _run_all(self, n: Node) -> BatchValues:
+        outputs = self._new_values(n)
+        for index in range(len(self._batches)):
+            outputs.append(self._run_batch(n, index))
+            self._release_inputs(n, self.env, index)
+        return outputs
+
     def run_node(self, n: Node) -> Any:
+        self._now = self._position[n]
         if n.op == "placeholder":
             value = self._placeholder(n)
             if self.dense is not None:
-                self.dense_env[n] = list(value)
+                self.dense_env[n] = value
             return value
         if n.op == "get_attr":  # parameters are the same for every batch
             if self.dense is not None:
@@ -255,12 +311,14 @@ class SequentialPruner(torch.fx.Interpreter):
         if layer is not None:
             try:
                 uses = [u for u in (layer.uses or [n]) if u.args[0] in self.env]  # inputs computed by now
-                inputs = [x for u in uses for x in self.env[u.args[0]]]
-                dense_inputs = [x for u in uses for x in self.dense_env[u.args[0]]] if self.dense is not None \
-                    else None
+                inputs = Concatenated([self.env[u.args[0]] for u in uses])
+                dense_inputs = Concatenated([self.dense_env[u.args[0]] for u in uses]) \
+                    if self.dense is not None else None
                 self.prune(layer, inputs, dense_inputs)
             except ValueError as exc:  # inputs the layer cannot take
                 raise CalibrationError(f"pruning failed at node `{n.format_node()}`: {exc}") from exc
+            except MemoryError:
+                raise
             except Exception as exc:
                 raise RuntimeError(f"sgfx: pruning failed at node `{n.format_node()}`: {exc}") from exc
         block = self.blocks.get(n)
@@ -276,20 +334,22 @@ class SequentialPruner(torch.fx.Interpreter):
         try:
             if self.dense is not None:
                 self._run_dense(n)
-            outputs = [self._run_batch(n, index) for index in range(len(self._batches))]
-        except CalibrationError:
+            outputs = self._run_all(n)
+        except (CalibrationError, MemoryError):
             raise
         except Exception as exc:
-            index = self._batch_index
-            raise CalibrationError(
-                f"calibration failed at node `{n.format_node()}` on batch {index} "
-                f"({describe(self._batches[index])}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise node_failure(n, self._batches[self._batch_index], exc, self._batch_index) from exc
         after = self.after_node.get(n)
         if after is None:
             return outputs
         try:
-            return after(outputs, self.dense_env[n])
+            corrected = after(outputs, self.dense_env[n])
+            if corrected is outputs:
+                return outputs
+            values = self._new_values(n)
+            for index, value in enumerate(corrected):
+                values.append(value)
+                outputs.release(index)
+            return values
         except Exception as exc:
             raise RuntimeError(f"sgfx: correcting the outputs of node `{n.format_node()}` failed: {exc}") from exc

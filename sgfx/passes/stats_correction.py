@@ -28,13 +28,14 @@ recover it (CIFARCNN 0.43 → 0.40 pp), while correcting VGG-16's convs halved i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 from torch.fx.node import Node
 
+from .. import distributed
 from ..config import STATS_CORRECTIONS
 
 __all__ = ["ChannelCorrection", "layers_to_correct", "channel_correction", "apply_correction",
@@ -83,6 +84,16 @@ class _Moments:
         self.total_sq = self.total_sq + y.square().sum(1)
         self.count += y.shape[1]
 
+    def reduce(self) -> "_Moments":
+        """Add up every rank's sums (:mod:`sgfx.distributed`); a no-op for one process."""
+        if distributed.is_active():
+            packed = distributed.all_reduce_sum(torch.cat([torch.tensor([float(self.count)], dtype=torch.float64,
+                                                                        device=self.total.device),
+                                                           self.total, self.total_sq]))
+            channels = self.total.shape[0]
+            self.count, self.total, self.total_sq = int(packed[0]), packed[1:1 + channels], packed[1 + channels:]
+        return self
+
     def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.total / self.count
         return mean, (self.total_sq / self.count - mean.square()).clamp_min(0.0)
@@ -105,9 +116,9 @@ def channel_correction(outputs: list[torch.Tensor], dense_outputs: list[torch.Te
         pruned.add(y)
         dense.add(y_dense)
         diff.add(y.double() - y_dense.double())
-    pruned_mean, pruned_var = pruned.mean_var()
-    dense_mean, dense_var = dense.mean_var()
-    diff_mean, diff_var = diff.mean_var()
+    pruned_mean, pruned_var = pruned.reduce().mean_var()
+    dense_mean, dense_var = dense.reduce().mean_var()
+    diff_mean, diff_var = diff.reduce().mean_var()
     shift = -diff_mean * shrinkage(diff_mean, diff_var, diff.count)
     if mode == "mean":
         return ChannelCorrection(shift, pruned_mean)
@@ -164,12 +175,12 @@ def correction_hook(scale_weight: Callable[[torch.Tensor], None], bias: Callable
     layer's column count): a Linear layer sees one sample per image, and correcting classifier layers from a few
     hundred images cost accuracy on every model measured. ``on_applied()`` is called when a correction is made.
     """
-    def hook(outputs: list[torch.Tensor], dense_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        if sum(y.numel() // y.shape[channel_dim] for y in outputs) < min_samples:
+    def hook(outputs: Sequence[torch.Tensor], dense_outputs: Sequence[torch.Tensor]) -> Iterable[torch.Tensor]:
+        if distributed.all_reduce_count(sum(y.numel() // y.shape[channel_dim] for y in outputs)) < min_samples:
             return outputs
         correction = channel_correction(outputs, dense_outputs, channel_dim, mode)
         apply_correction(scale_weight, bias(), correction)
         if on_applied is not None:
             on_applied()
-        return [correction.apply(y, channel_dim) for y in outputs]
+        return (correction.apply(y, channel_dim) for y in outputs)  # read one batch at a time
     return hook
