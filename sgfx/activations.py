@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .memory import InsufficientMemory
+
 __all__ = ["ActivationStore", "BatchValues", "MappedValues", "Concatenated", "StoreStats"]
 
 logger = logging.getLogger(__name__)
@@ -289,7 +291,7 @@ class ActivationStore:
         if limit is None:
             limit = shutil.disk_usage(self._dir).free - (1 << 30) + self.disk_used
         if self.disk_used + tensor.nbytes > limit:
-            raise MemoryError(
+            raise InsufficientMemory(
                 f"sgfx: spilling activations needs more than the {limit / 2**30:.1f} GiB available in {self._dir}; "
                 "raise max_memory, use fewer calibration images or point spill_dir at a larger disk")
         self._files += 1

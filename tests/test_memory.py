@@ -59,7 +59,7 @@ def test_store_accounts_releases_and_keeps_other_objects_as_they_are():
 def test_disk_limit_gives_a_clear_error(tmp_path):
     store = ActivationStore(host_bytes=KB, spill_dir=str(tmp_path), disk_bytes=2 * KB)
     values = store.new("v")
-    with pytest.raises(MemoryError, match="spilling activations needs more than"):
+    with pytest.raises(sgfx.InsufficientMemory, match="spilling activations needs more than"):
         for _ in range(8):
             values.append(torch.randn(256))
     store.close()
