@@ -211,6 +211,7 @@ class ActivationStore:
         self.used = {"device": 0, "host": 0}
         self.peak = {"device": 0, "host": 0}
         self.disk_used = self.peak_disk = self.spilled_bytes = 0
+        self.cap: int | None = None  # the run's whole memory cap (max_memory), which the budgets are cut from
         self._spill_root, self._dir, self._files = spill_dir, None, 0
         self._disk_limit = disk_bytes
         # every value holding entries in a memory tier, by id; weak: a value freed by the sweep leaves by itself

@@ -69,10 +69,13 @@ def _model_device(gm: nn.Module) -> torch.device:
 
 
 def new_store(config: SparsifyConfig, compute_device: torch.device | None = None) -> ActivationStore:
-    """An activation store for one run, with a provisional host budget (the cap less what is in use now) until
-    :func:`_plan_memory` sets the estimated one."""
+    """An activation store for one run, with the run's memory cap (``max_memory``, or the default taken now, once)
+    and a provisional host budget (the cap less what is in use now) until :func:`_plan_memory` sets the estimated
+    one."""
     cap = config.max_memory or default_max_memory()
-    return ActivationStore(max(cap - current_rss(), 0), compute_device, spill_dir=config.spill_dir)
+    store = ActivationStore(max(cap - current_rss(), 0), compute_device, spill_dir=config.spill_dir)
+    store.cap = cap
+    return store
 
 
 def _device_budget(device: torch.device) -> int:
@@ -87,7 +90,7 @@ def _plan_memory(gm: torch.fx.GraphModule, batches, layers: list, config: Sparsi
                  convert) -> dict:
     """Estimate the run, refuse it when it cannot fit, and give the store its budgets; returns the report's
     memory entry (filled in with the store's peaks after the sweep)."""
-    cap = config.max_memory or default_max_memory()
+    cap = store.cap
     dense_copy = bool(config.dense_targets) or config.stats_correction != "off"
     estimate = estimate_memory(gm, batches, layers, dense_copy, convert)  # the batches as stored, run converted
     store.budgets["host"] = activation_budget(estimate, cap, config.spill_dir)
