@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import models  # noqa: E402
 import sgfx  # noqa: E402
-from sgfx.calibration import tensors_of  # noqa: E402
-from sgfx.passes.inventory import is_weight  # noqa: E402
+from sgfx.runtime.calibration import tensors_of  # noqa: E402
+from sgfx.engine.inventory import is_weight  # noqa: E402
 
 tv = torchvision.models
 

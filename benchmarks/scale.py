@@ -98,7 +98,7 @@ def recompute_cost(images: int) -> dict:
     """One forward pass over the images, timed node by node: the cost of re-running the graph prefix before each
     prunable layer (what recomputation instead of storing would add), against the forward itself."""
     gm = sgfx.passes.trace.trace(model())
-    from sgfx.passes.sequential_prune import find_prunable_layers
+    from sgfx.layers import find_prunable_layers
 
     prunable = set(find_prunable_layers(gm))
     elapsed = {node: 0.0 for node in gm.graph.nodes}

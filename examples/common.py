@@ -27,6 +27,7 @@ from tabulate import tabulate
 from torch import nn
 
 import sgfx
+from efficient import MobileNetCIFAR
 
 try:
     from tqdm.auto import tqdm
@@ -125,6 +126,9 @@ MODELS: dict[str, ModelSpec] = {
                                 dict(epochs=4, batch_size=128, max_lr=0.1, augment=True)),
     "vgg16_cifar": ModelSpec(vgg16_cifar, "cifar10", "vgg16_cifar", 134_301_514,
                              dict(epochs=4, batch_size=128, max_lr=0.02, augment=True, precision="bf16")),
+    # efficient (issue 21): depthwise + SE + hard-swish, trained here (examples/efficient.py)
+    "mobilenet_cifar": ModelSpec(MobileNetCIFAR, "cifar10", "mobilenet_cifar", 1_522_620,
+                                 dict(epochs=15, batch_size=128, max_lr=0.1, augment=True)),
 }
 
 NORMALIZE = {

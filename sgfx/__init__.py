@@ -6,23 +6,23 @@ Example:
     >>> print(sgfx.report(gm))  # doctest: +SKIP
 """
 
-from .api import calibration_batches, sparsify
-from .check import PatternCheck, check_pattern
+from .api import Inputs, PatternCheck, calibration_batches, check_pattern, get_report, load, report, save, sparsify
 from .config import NMPattern, SparsifyConfig, Unstructured, parse_pattern
 from .finetune import finetune
 from .lowering import ExportError, OnnxExportReport, check_onnx_sparsity, export_onnx, lower
 from .obs import FactorizationError, SolveResult, magnitude_prune, sparsegpt_prune, wanda_prune
-from . import distributed
-from .calibration import CalibrationError
-from .memory import InsufficientMemory
 from .passes.trace import TraceError
-from .report import LayerRecord, SparsityReport, get_report, report
-from .serialization import SgfxFormatError, load, save
+from .report import LayerRecord, SparsityReport
+from .runtime import distributed
+from .runtime.calibration import CalibrationError
+from .runtime.memory import InsufficientMemory
+from .serialization import SgfxFormatError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sparsify",
+    "Inputs",
     "finetune",
     "calibration_batches",
     "report",

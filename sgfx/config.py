@@ -1,7 +1,9 @@
-"""Sparsity patterns and the frozen configuration of :func:`sgfx.sparsify`.
+"""Sparsity patterns and the frozen configuration of :func:`sgfx.sparsify`: the one list of options.
 
 Everything a user types is parsed and validated here, at the API boundary, so that the passes below can
-trust their inputs. Strings follow NVIDIA's convention: ``"2:4"`` keeps *at most* 2 nonzeros in every 4
+trust their inputs. Each option is one :class:`SparsifyConfig` field declared with :func:`_option`: its default,
+its documentation (rendered into the class docstring) and how the command line spells it; ``sgfx.sparsify``'s
+keywords and ``sgfx sparsify``'s flags are derived from these fields. Strings follow NVIDIA's convention: ``"2:4"`` keeps *at most* 2 nonzeros in every 4
 consecutive weights. Floats are unstructured fractions of weights set to zero.
 """
 
@@ -10,20 +12,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 
-from .memory import parse_bytes
-__all__ = [
-    "NMPattern",
-    "Unstructured",
-    "Pattern",
-    "parse_pattern",
-    "SparsifyConfig",
-    "METHODS",
-]
+from .runtime.memory import parse_bytes
+__all__ = ["NMPattern", "Unstructured", "Pattern", "parse_pattern", "SparsifyConfig", "build_config", "option_help",
+           "METHODS"]
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
 AUGMENTATIONS = (None, "hflip")
@@ -134,49 +131,19 @@ def _as_name_tuple(value: Any, option: str) -> tuple[str, ...]:
     return items
 
 
+def _option(default: Any, doc: str, cli: dict[str, Any] | None = None, compare: bool = True) -> Any:
+    """One option: a dataclass field with its documentation and its command-line form in the metadata.
+
+    ``cli`` holds the flag's ``argparse`` settings by name (``kind``: ``"bool"``, ``"int"``, ``"float"``,
+    ``"names"``, ``"text"``, ``"pattern"``; ``choices``; ``flag`` when the flag is not ``--the-field-name``;
+    ``default``); ``None`` means the option cannot be typed on a command line (Python objects).
+    """
+    return field(default=default, compare=compare, metadata={"doc": doc, "cli": cli})
+
+
 @dataclass(frozen=True)
 class SparsifyConfig:
     """Every option of :func:`sgfx.sparsify`, validated on construction.
-
-    Args:
-        sparsity: ``"N:M"`` string, float in (0, 1), or a parsed pattern; stored parsed.
-        method: ``"sparsegpt"`` (OBS with weight updates), ``"wanda"`` (``|w|·‖x‖``, no update) or ``"magnitude"``.
-        blocksize: columns per lazy-update block of the OBS solve.
-        percdamp: damping added to the Hessian diagonal, as a fraction of its mean.
-        skip: layer names or glob patterns (``fnmatch``) to leave dense.
-        device: where calibration and the OBS solves run (``None``: the model's own device).
-        leaf_modules: module types or qualified names the tracer must not enter.
-        concrete_args: forwarded to ``torch.fx.Tracer.trace`` to specialise control flow.
-        max_damping_retries: how many times damping is multiplied by 10 when Cholesky fails.
-        bn_reestimate: re-estimate the statistics of BatchNorms after pruned layers from the calibration data
-            (``None``: on whenever the model has such a BatchNorm).
-        dense_targets: fit each pruned layer to the *dense* model's outputs (``‖W X_dense − Ŵ X_pruned‖``) rather
-            than to ``W X_pruned``, where its calibration samples cover its columns; runs the dense model alongside
-            (twice the activations). SparseGPT only. ``None``: on for SparseGPT.
-        augment: ``"hflip"`` adds the horizontal mirror of every calibration image (4-D inputs), doubling a small
-            calibration set; ``None`` uses the data as given.
-        stats_correction: ``"mean"`` restores each pruned layer's per-channel output mean to the dense model's
-            (through its bias), ``"mean_std"`` also its standard deviation (by scaling the channel); layers whose
-            only consumer is a re-estimated BatchNorm, or with fewer samples than columns, are left alone. Runs the
-            dense model alongside. ``"off"`` (or ``False``) disables it; ``None``: ``"mean"``.
-        permute_channels: before calibration, reorder the channels between each prunable producer and its
-            consumers (found through the graph; the function is unchanged) so that N:M groups keep more saliency.
-            N:M patterns only. ``None``: on for N:M patterns.
-        allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"global"`` (unstructured only: per-layer levels
-            chosen from measured error curves so that ``sparsity`` of all prunable weights, or FLOPs, is pruned;
-            with ``method="magnitude"``, one global |w| threshold).
-        budget: N:M only: the fraction of prunable weights (or FLOPs) that must be N:M; the layers whose N:M
-            error is largest stay dense (``None``: every eligible layer is N:M).
-        target: what ``allocation="global"`` and ``budget`` count: ``"weights"`` or ``"flops"`` (multiply-adds).
-        fold_weight_transforms: replace conv subclasses that transform their weight in ``forward`` (weight
-            standardisation, e.g. NFNets' ``ScaledStdConv2d``) by a plain conv holding the transformed weight, so
-            that it can be pruned (inference only: the result no longer standardises when trained). ``False``
-            leaves such layers dense, with the reason in the report.
-        max_memory: host memory the calibration run may use, in bytes or as a string (``"8GB"``, ``"7.5GiB"``);
-            activations beyond it spill to disk. ``None``: the memory in use at the start plus 75 % of what the
-            machine has available then.
-        spill_dir: where activations spill (a temporary directory inside it, removed at the end); ``None``: the
-            system's temporary directory.
 
     ``None`` options resolve, on construction, to the best combination measured on the seed models
     (``docs/RESULTS.md``); the stored config holds the resolved values.
@@ -186,84 +153,141 @@ class SparsifyConfig:
         NMPattern(n=2, m=4)
     """
 
-    sparsity: Any = "2:4"
-    method: str = "sparsegpt"
-    blocksize: int = 128
-    percdamp: float = 0.01
-    skip: tuple[str, ...] = ()
-    device: Any = None
-    leaf_modules: tuple[Any, ...] = ()
-    concrete_args: dict[str, Any] | None = field(default=None, compare=False)
-    max_damping_retries: int = 6
-    bn_reestimate: bool | None = None
-    dense_targets: bool | None = None
-    augment: str | None = None
-    stats_correction: str | bool | None = None
-    permute_channels: bool | None = None
-    allocation: str = "uniform"
-    budget: float | None = None
-    target: str = "weights"
-    fold_weight_transforms: bool = False
-    max_memory: int | str | None = None
-    spill_dir: str | None = None
+    sparsity: Any = _option("2:4", '``"N:M"`` (at most N nonzeros in every M consecutive input channels, e.g. '
+                            '``"2:4"``), or a float in (0, 1) for unstructured sparsity; stored parsed.',
+                            {"kind": "pattern", "flag": "--pattern", "default": "2:4"})
+    method: str = _option("sparsegpt", '``"sparsegpt"`` (OBS with weight updates), ``"wanda"`` (``|w|·‖x‖``, no '
+                          'update) or ``"magnitude"``.', {"choices": METHODS})
+    blocksize: int = _option(128, "Columns per lazy-update block of the OBS solve.", {"kind": "int"})
+    percdamp: float = _option(0.01, "Damping added to the Hessian diagonal, as a fraction of its mean.",
+                              {"kind": "float"})
+    max_damping_retries: int = _option(6, "How many times damping is multiplied by 10 when Cholesky fails.",
+                                       {"kind": "int"})
+    skip: tuple[str, ...] = _option((), 'Layer names or glob patterns (``fnmatch``) to leave dense, e.g. '
+                                    '``["conv1", "fc*"]``.', {"kind": "names"})
+    device: Any = _option(None, 'Where calibration (forward passes, Hessians) and the solves run, e.g. ``"cuda"``; '
+                          "the model copy moves there for the run and the result is returned on the model's device. "
+                          "``None``: where the model is.", {"kind": "text"})
+    leaf_modules: tuple[Any, ...] = _option((), "Module types or qualified names the tracer must not enter (their "
+                                            "layers are still pruned, by running each such module as a unit).")
+    concrete_args: dict[str, Any] | None = _option(None, "Forwarded to ``torch.fx.Tracer.trace`` to specialise "
+                                                   "Python control flow.", compare=False)
+    submodules: Any = _option(None, "For models that cannot be traced whole (detection models): a list of "
+                              "submodule names, each traced and pruned on its own in execution order with inputs "
+                              "recorded while the *whole* model runs, or ``\"auto\"`` (the largest traceable "
+                              "submodules). Each calibration item is then passed to the model as given, "
+                              "``model(item)``.", {"kind": "names"})
+    bn_reestimate: bool | None = _option(None, "Re-estimate the running statistics of every BatchNorm after a "
+                                         "pruned layer from the calibration data, during the sweep (``None``: on "
+                                         "whenever the model has such a BatchNorm).", {"kind": "bool"})
+    dense_targets: bool | None = _option(None, "Fit each pruned layer to the *dense* model's outputs "
+                                         "(``‖W X_dense − Ŵ X_pruned‖``) rather than to ``W X_pruned``, where its "
+                                         "calibration samples cover its columns; runs the dense model alongside. "
+                                         "SparseGPT only. ``None``: on for SparseGPT.", {"kind": "bool"})
+    augment: str | None = _option(None, '``"hflip"`` adds the horizontal mirror of every calibration image (4-D '
+                                  "inputs; only valid where mirror images are valid inputs). ``None``: the data as "
+                                  "given.", {"choices": AUGMENTATIONS[1:]})
+    stats_correction: str | bool | None = _option(
+        None, '``"mean"`` restores each pruned layer\'s per-channel output mean to the dense model\'s (through its '
+        'bias), ``"mean_std"`` also its standard deviation (by scaling the channel); layers whose only consumer is '
+        "a re-estimated BatchNorm, or with fewer samples than columns, are left alone. Runs the dense model "
+        'alongside. ``"off"`` (or ``False``) disables it; ``None``: ``"mean"``.', {"choices": STATS_CORRECTIONS})
+    permute_channels: bool | None = _option(None, "Before calibration, reorder the channels between each prunable "
+                                            "producer and its consumers (the function is unchanged) so that N:M "
+                                            "groups keep more saliency. N:M only; ``None``: on for N:M patterns.",
+                                            {"kind": "bool"})
+    allocation: str = _option("uniform", '``"uniform"`` (every layer at ``sparsity``) or ``"global"`` '
+                              "(unstructured only: per-layer levels from measured error curves so that exactly "
+                              "``sparsity`` of all prunable weights, or FLOPs, is pruned; with "
+                              '``method="magnitude"``, one global |w| threshold).', {"choices": ALLOCATIONS})
+    budget: float | None = _option(None, "N:M only: the fraction of prunable weights (or FLOPs) that must be N:M; "
+                                   "the layers whose N:M error is largest stay dense (``None``: every eligible "
+                                   "layer is N:M).", {"kind": "float"})
+    target: str = _option("weights", 'What ``allocation="global"`` and ``budget`` count: ``"weights"`` or '
+                          '``"flops"`` (multiply-adds).', {"choices": TARGETS})
+    fold_weight_transforms: bool = _option(False, "Replace conv subclasses that transform their weight in "
+                                           "``forward`` (weight standardisation, NFNets' ``ScaledStdConv2d``) by a "
+                                           "plain conv holding the transformed weight, so that it can be pruned "
+                                           "(inference only). ``False`` leaves them dense, with the reason in the "
+                                           "report.", {"kind": "bool"})
+    max_memory: int | str | None = _option(None, 'Host memory the run may use, in bytes or as a string (``"8GB"``, '
+                                           '``"7.5GiB"``); activations beyond it spill to disk, and a run that '
+                                           "cannot fit even so is refused before it starts. ``None``: the memory in "
+                                           "use at the start plus 75 % of what the machine has available then.",
+                                           {"kind": "text"})
+    spill_dir: str | None = _option(None, "Where activations spill (a temporary directory inside it, removed at the "
+                                    "end); ``None``: the system's temporary directory.", {"kind": "text"})
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        set_("sparsity", parse_pattern(self.sparsity))
+        self._check_solver()
+        self._check_tracing()
+        self._check_remedies()
+        self._check_allocation()
+        self._check_resources()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # frozen dataclass: only while validating
+
+    def _check_solver(self) -> None:
+        self._set("sparsity", parse_pattern(self.sparsity))
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise ValueError(f"blocksize must be a positive int, got {self.blocksize!r}")
         if isinstance(self.sparsity, NMPattern) and self.blocksize % self.sparsity.m:
-            raise ValueError(
-                f"blocksize {self.blocksize} must be a multiple of M={self.sparsity.m} so that no N:M group "
-                "straddles two blocks"
-            )
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.sparsity.m} so that no N:M "
+                             "group straddles two blocks")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not (
-            0.0 <= self.percdamp < 10.0
-        ):
+                0.0 <= self.percdamp < 10.0):
             raise ValueError(f"percdamp must be a float in [0, 10), got {self.percdamp!r}")
-        set_("skip", _as_name_tuple(self.skip, "skip"))
+        if isinstance(self.max_damping_retries, bool) or not isinstance(self.max_damping_retries, int) \
+                or self.max_damping_retries < 0:
+            raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
+        self._set("skip", _as_name_tuple(self.skip, "skip"))
+
+    def _check_tracing(self) -> None:
         leaf = () if self.leaf_modules is None else tuple(self.leaf_modules)
         for item in leaf:
             if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, torch.nn.Module))):
                 raise TypeError(f"leaf_modules entries must be nn.Module subclasses or names, got {item!r}")
-        set_("leaf_modules", leaf)
+        self._set("leaf_modules", leaf)
         if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
             raise TypeError(f"concrete_args must be a dict, got {type(self.concrete_args).__name__}")
-        if self.device is not None:
-            try:
-                device = torch.device(self.device)
-            except (RuntimeError, TypeError) as exc:
-                raise ValueError(f"invalid device {self.device!r}: {exc}") from None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device {self.device!r} requested but CUDA is not available here")
-            set_("device", device)
-        if self.bn_reestimate is not None and not isinstance(self.bn_reestimate, bool):
-            raise TypeError(f"bn_reestimate must be True, False or None, got {self.bn_reestimate!r}")
+        if self.submodules is not None and self.submodules != "auto":
+            if isinstance(self.submodules, str):
+                raise TypeError("submodules must be a list of submodule names (e.g. ['backbone', 'rpn.head']) or "
+                                f"'auto', got the string {self.submodules!r}")
+            names = _as_name_tuple(self.submodules, "submodules")
+            if not names:
+                raise ValueError("submodules is empty: name at least one submodule, or pass 'auto'")
+            self._set("submodules", "auto" if names == ("auto",) else names)
+        if not isinstance(self.fold_weight_transforms, bool):
+            raise TypeError(f"fold_weight_transforms must be True or False, got {self.fold_weight_transforms!r}")
+
+    def _check_remedies(self) -> None:
+        for name in ("bn_reestimate", "dense_targets", "permute_channels"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True, False or None, got {value!r}")
         if self.dense_targets is None:
-            set_("dense_targets", DEFAULT_DENSE_TARGETS and self.method == "sparsegpt")
-        if not isinstance(self.dense_targets, bool):
-            raise TypeError(f"dense_targets must be True, False or None, got {self.dense_targets!r}")
+            self._set("dense_targets", DEFAULT_DENSE_TARGETS and self.method == "sparsegpt")
         if self.dense_targets and self.method != "sparsegpt":
             raise ValueError(f"dense_targets needs method='sparsegpt' (it changes the weights), got {self.method!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augment {self.augment!r}; accepted: None, " + ", ".join(AUGMENTATIONS[1:]))
         if self.stats_correction is None:
-            set_("stats_correction", DEFAULT_STATS_CORRECTION)
+            self._set("stats_correction", DEFAULT_STATS_CORRECTION)
         elif self.stats_correction is False:
-            set_("stats_correction", "off")
+            self._set("stats_correction", "off")
         if not isinstance(self.stats_correction, str) or self.stats_correction not in STATS_CORRECTIONS:
             raise ValueError(f"unknown stats_correction {self.stats_correction!r}; accepted: None (default), False, "
                              + ", ".join(STATS_CORRECTIONS))
         if self.permute_channels is None:
-            set_("permute_channels", DEFAULT_PERMUTE_CHANNELS and isinstance(self.sparsity, NMPattern))
-        if not isinstance(self.permute_channels, bool):
-            raise TypeError(f"permute_channels must be True, False or None, got {self.permute_channels!r}")
+            self._set("permute_channels", DEFAULT_PERMUTE_CHANNELS and isinstance(self.sparsity, NMPattern))
         if self.permute_channels and not isinstance(self.sparsity, NMPattern):
             raise ValueError(f"permute_channels needs an N:M pattern (it regroups channels), got {self.sparsity}")
-        if not isinstance(self.max_damping_retries, int) or self.max_damping_retries < 0:
-            raise ValueError(f"max_damping_retries must be a non-negative int, got {self.max_damping_retries!r}")
+
+    def _check_allocation(self) -> None:
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
         if self.allocation == "global" and not isinstance(self.sparsity, Unstructured):
@@ -275,20 +299,68 @@ class SparsifyConfig:
             if not isinstance(self.sparsity, NMPattern):
                 raise ValueError("budget applies to N:M patterns (which layers are N:M); for unstructured sparsity "
                                  "use allocation='global'")
-            set_("budget", float(self.budget))
+            self._set("budget", float(self.budget))
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; accepted: {', '.join(TARGETS)}")
-        if not isinstance(self.fold_weight_transforms, bool):
-            raise TypeError(f"fold_weight_transforms must be True or False, got {self.fold_weight_transforms!r}")
+
+    def _check_resources(self) -> None:
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"invalid device {self.device!r}: {exc}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested but CUDA is not available here")
+            self._set("device", device)
         if self.max_memory is not None:
-            set_("max_memory", parse_bytes(self.max_memory))
+            self._set("max_memory", parse_bytes(self.max_memory))
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)):
                 raise TypeError(f"spill_dir must be a path, got {type(self.spill_dir).__name__}")
             if not os.path.isdir(self.spill_dir):
                 raise ValueError(f"spill_dir {str(self.spill_dir)!r} is not an existing directory")
-            set_("spill_dir", os.fspath(self.spill_dir))
+            self._set("spill_dir", os.fspath(self.spill_dir))
 
-    def replace(self, **changes: Any) -> "SparsifyConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+    @property
+    def allocates(self) -> bool:
+        """Whether an allocation chooses per-layer patterns (``allocation="global"`` or a ``budget``)."""
+        return self.allocation == "global" or self.budget is not None
+
+
+OPTIONS = tuple(f.name for f in dataclasses.fields(SparsifyConfig))
+
+
+def option_help(name: str) -> str:
+    """The documentation of option ``name`` (one place: its field)."""
+    return next(f.metadata["doc"] for f in dataclasses.fields(SparsifyConfig) if f.name == name)
+
+
+def _document(cls: type) -> str:
+    """The class docstring with an ``Args:`` entry per option, from the fields' documentation."""
+    lines = [textwrap.fill(f.metadata["doc"], 108, initial_indent=f"    {f.name}: ", subsequent_indent=" " * 8)
+             for f in dataclasses.fields(cls)]
+    summary, _, rest = cls.__doc__.partition("\n\n")
+    return f"{summary}\n\nArgs:\n" + "\n".join(lines) + "\n\n" + rest
+
+
+SparsifyConfig.__doc__ = _document(SparsifyConfig)
+
+
+def build_config(sparsity: Any, options: dict[str, Any]) -> SparsifyConfig:
+    """The config of one ``sparsify`` call: ``sparsity`` given as a :class:`SparsifyConfig`, or a pattern with the
+    options given by keyword (``None`` values mean "the default").
+
+    Raises:
+        TypeError: an unknown option, or options given both ways.
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; accepted: {', '.join(OPTIONS[1:])}")
+    given = {k: v for k, v in options.items() if v is not None}
+    if isinstance(sparsity, SparsifyConfig):
+        if given:
+            raise TypeError(f"pass options either in SparsifyConfig or as keywords, not both (got {sorted(given)})")
+        return sparsity
+    if "sparsity" in given:
+        raise TypeError("sparsity is given positionally (the third argument), not as an option")
+    return SparsifyConfig(sparsity, **given)

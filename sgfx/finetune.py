@@ -82,11 +82,7 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], epochs: int = 1, *, 
     weights = {name: student.get_parameter(name) for name in masks}
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 nesterov=momentum > 0)
-    try:
-        per_epoch = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        per_epoch = None
-    total = max_steps or (per_epoch * epochs if per_epoch is not None else None)
+    total = _total_steps(train_loader, epochs, max_steps)
     schedule = None if total is None else torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     from tqdm.auto import tqdm
@@ -97,24 +93,8 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], epochs: int = 1, *, 
         for _ in range(epochs):
             for inputs, targets in _batches(train_loader):
                 inputs, targets = inputs.to(device), targets.to(device)
-                logits = student(inputs)
-                loss = F.cross_entropy(logits, targets)
-                if teacher is not None:
-                    with torch.no_grad():
-                        soft = F.log_softmax(teacher(inputs) / temperature, dim=-1)
-                    kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft, reduction="batchmean",
-                                  log_target=True) * temperature ** 2
-                    loss = (1 - alpha) * loss + alpha * kd
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    for name, weight in weights.items():
-                        if weight.grad is not None:
-                            weight.grad.mul_(masks[name])
-                optimizer.step()
-                with torch.no_grad():
-                    for name, weight in weights.items():
-                        weight.mul_(masks[name])
+                loss = _loss(student, teacher, inputs, targets, temperature, alpha)
+                _masked_step(optimizer, loss, weights, masks)
                 if schedule is not None:
                     schedule.step()
                 steps += 1
@@ -128,3 +108,41 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], epochs: int = 1, *, 
         bar.close()
     logger.info("fine-tuned %d steps", steps)
     return student.eval()
+
+
+def _total_steps(train_loader: Iterable[Any], epochs: int, max_steps: int | None) -> int | None:
+    """Optimizer steps the run will take (None: unknown, a loader without a length)."""
+    try:
+        per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = None
+    return max_steps or (per_epoch * epochs if per_epoch is not None else None)
+
+
+def _loss(student: nn.Module, teacher: nn.Module | None, inputs: torch.Tensor, targets: torch.Tensor,
+          temperature: float, alpha: float) -> torch.Tensor:
+    """Cross-entropy with the targets, mixed with distillation from ``teacher``'s softened outputs when given."""
+    logits = student(inputs)
+    loss = F.cross_entropy(logits, targets)
+    if teacher is None:
+        return loss
+    with torch.no_grad():
+        soft = F.log_softmax(teacher(inputs) / temperature, dim=-1)
+    kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft, reduction="batchmean",
+                  log_target=True) * temperature ** 2
+    return (1 - alpha) * loss + alpha * kd
+
+
+def _masked_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, weights: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor]) -> None:
+    """One optimizer step in which no pruned weight moves: gradients masked before, weights masked after."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        for name, weight in weights.items():
+            if weight.grad is not None:
+                weight.grad.mul_(masks[name])
+    optimizer.step()
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.mul_(masks[name])

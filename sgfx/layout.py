@@ -11,21 +11,42 @@ the axis each output sums over, to hold at most N nonzeros, at every output chan
   storage) and the ONNX report says they are not known to be accelerated by TensorRT.
 
 The solver (:mod:`sgfx.layers`), the checker (:mod:`sgfx.check`), serialization and the ONNX checker all read the
-axis from :func:`nm_axis` and cut groups with :func:`nm_groups`.
+axis from :func:`nm_axis` (an exported ONNX weight's from :func:`onnx_nm_axis`) and cut groups with :func:`nm_groups`.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["nm_axis", "nm_groups", "nm_ungroup", "TRANSPOSED_KINDS"]
+__all__ = ["nm_axis", "onnx_nm_axis", "onnx_torch_axis", "nm_groups", "nm_ungroup", "TRANSPOSED_KINDS"]
 
 TRANSPOSED_KINDS = frozenset({"ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"})
+_ONNX_TRANSPOSED = "ConvTranspose"  # its weight is [C_in, C_out/g, k...], PyTorch's ConvTranspose layout
 
 
 def nm_axis(kind: str = "Linear") -> int:
     """The PyTorch weight axis along which N:M groups run for a layer of ``kind`` (a :class:`LayerRecord` ``op``)."""
     return 0 if kind in TRANSPOSED_KINDS else 1
+
+
+def onnx_nm_axis(op_type: str, attributes: dict | None = None) -> int:
+    """The axis of an ONNX node's weight (input 1) that N:M groups run along, as TensorRT reads it: its reduction
+    axis (Conv [C_out, C_in/g, k...]: 1; ConvTranspose: 0; Gemm: 1 with ``transB``, else 0; MatMul [K, N]: 0)."""
+    if op_type == "Conv":
+        return 1
+    if op_type == _ONNX_TRANSPOSED:
+        return 0
+    if op_type == "Gemm":
+        return 1 if (attributes or {}).get("transB", 0) else 0
+    if op_type == "MatMul":
+        return 0
+    raise ValueError(f"no TensorRT sparsity rule for ONNX op {op_type!r}")
+
+
+def onnx_torch_axis(op_type: str) -> int:
+    """Where PyTorch's layout has an ONNX node's N:M axis: dim 0 for ConvTranspose (the same layout), dim 1 for
+    Conv, Gemm and MatMul weights once back in PyTorch's (out, in) / (C_out, C_in, k...) layout."""
+    return 0 if op_type == _ONNX_TRANSPOSED else 1
 
 
 def nm_groups(weight: torch.Tensor, m: int, axis: int = 1) -> torch.Tensor:

@@ -25,8 +25,8 @@ import torch
 from .config import NMPattern, Pattern, Unstructured
 
 __all__ = [
-    "SolveResult", "upper_cholesky_of_inverse", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
-    "dense_target_weight", "sparsegpt_error_curve", "relative_error", "error_terms",
+    "SolveResult", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
+    "dense_target_weight", "sparsegpt_error_curve", "error_terms",
 ]
 
 
@@ -73,8 +73,8 @@ def _cholesky_lower_(matrix: torch.Tensor) -> int:
 
     On CPU, LAPACK's ``potrf`` reaches about a third of GEMM throughput on 2 cores. This right-looking blocked
     version spends its flops in GEMMs instead: each panel is ``A21 · L11⁻ᵀ`` with the small triangular inverse
-    formed explicitly, and the trailing update touches only the lower block columns. Measured here: 1.8-2x faster
-    than ``torch.linalg.cholesky`` at 4608-9216 columns, with the same error against a float64 factor.
+    formed explicitly, and the trailing update touches only the lower block columns (its speed against
+    ``torch.linalg.cholesky``, with the same error against a float64 factor: docs/RESULTS.md).
     """
     size = matrix.shape[0]
     if matrix.device.type != "cpu" or size <= 2 * _CHOLESKY_BLOCK:
@@ -122,18 +122,6 @@ def _v_block(lower: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
     """``V[rows, cols]`` of ``V = J L J`` (upper, ``H + λI = V Vᵀ``), copied out of ``L`` without forming ``V``."""
     n = lower.shape[0]
     return lower[n - rows.stop:n - rows.start, n - cols.stop:n - cols.start].flip(0, 1)
-
-
-def upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper-triangular ``U`` with ``(H + damping·I)⁻¹ = Uᵀ U`` (for tests and small problems).
-
-    With ``J H J = L Lᵀ`` and ``V = J L J``: ``H = V Vᵀ``, ``H⁻¹ = V⁻ᵀ V⁻¹``, so ``U = V⁻¹``.
-    """
-    damped = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    lower, _, _ = _factor_with_retries(damped, 0.0, 0, overwrite=True)
-    factor = lower.flip(0, 1)
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    return torch.linalg.solve_triangular(factor, eye, upper=True)
 
 
 def dense_target_weight(weight: torch.Tensor, hessian: torch.Tensor, shift: torch.Tensor, percdamp: float = 0.01,
@@ -319,12 +307,6 @@ def error_terms(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tenso
     h = hessian.to(pruned.dtype)
     weight = weight.to(pruned.dtype)
     return _energy(weight - pruned, h), _energy(weight, h)
-
-
-def relative_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``: the layer's relative reconstruction error ‖WX − ŴX‖²/‖WX‖² on its inputs."""
-    num, den = error_terms(weight, pruned, hessian)
-    return num / den if den > 0 else 0.0
 
 
 def sparsegpt_error_curve(weight: torch.Tensor, hessian: torch.Tensor, patterns: list[Pattern],

@@ -6,11 +6,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 from tabulate import tabulate
 
-__all__ = ["LayerRecord", "SparsityReport", "find_report", "get_report", "report", "REPORT_KEY"]
+__all__ = ["LayerRecord", "SparsityReport", "attach_report", "find_report", "get_report", "report"]
 
-REPORT_KEY = "sgfx_report"  # key in GraphModule.meta (copied by deepcopy)
+# Where a report lives: in a GraphModule's ``meta`` (copied by deepcopy), else (a model returned with submodules=)
+# as an attribute of that name. Only attach_report and find_report read or write it.
+_REPORT_KEY = "sgfx_report"
 
 
 @dataclass
@@ -57,6 +60,7 @@ class SparsityReport:
     lowering: list[Any] = field(default_factory=list)  # LoweringDecision per layer, once sgfx.lower ran
     allocation: dict[str, Any] = field(default_factory=dict)  # allocation/budget: kind, target, achieved, search_s
     opened_attention: list[str] = field(default_factory=list)  # MultiheadAttention modules opened into projections
+    kept_whole: dict[str, str] = field(default_factory=dict)  # modules a pass kept whole (attention), with why
     folded: list[str] = field(default_factory=list)  # conv subclasses folded into plain convs (weight transforms)
     submodules: list[dict[str, Any]] = field(default_factory=list)  # submodules=: what was traced and its calls
     refused_submodules: dict[str, str] = field(default_factory=dict)  # submodules="auto": untraceable, with why
@@ -104,13 +108,22 @@ class SparsityReport:
         return self.table()
 
 
+def attach_report(module: torch.nn.Module, found: SparsityReport) -> None:
+    """Attach ``found`` to ``module`` where :func:`find_report` looks for it."""
+    meta = getattr(module, "meta", None)
+    if isinstance(module, torch.fx.GraphModule) and isinstance(meta, dict):
+        meta[_REPORT_KEY] = found
+    else:
+        setattr(module, _REPORT_KEY, found)
+
+
 def find_report(module: torch.nn.Module) -> SparsityReport | None:
     """The :class:`SparsityReport` attached by :func:`sgfx.sparsify` (to a GraphModule's ``meta``, or as the
     ``sgfx_report`` attribute of a model returned with ``submodules=``), or None for any other module."""
     meta = getattr(module, "meta", None)
-    if isinstance(meta, dict) and REPORT_KEY in meta:
-        return meta[REPORT_KEY]
-    attached = getattr(module, "sgfx_report", None)
+    if isinstance(meta, dict) and _REPORT_KEY in meta:
+        return meta[_REPORT_KEY]
+    attached = getattr(module, _REPORT_KEY, None)
     return attached if isinstance(attached, SparsityReport) else None
 
 

@@ -18,6 +18,7 @@ one JSON string, read back with ``torch.load(weights_only=True)``:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -33,10 +34,11 @@ from torch import nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
+from .layers.paths import set_path
 from .layout import nm_axis, nm_groups, nm_ungroup
 from .config import NMPattern, parse_pattern
 from .passes.attention import attention_core, attention_output
-from .report import REPORT_KEY, LayerRecord, SparsityReport, find_report
+from .report import LayerRecord, SparsityReport, attach_report, find_report
 
 __all__ = ["save", "load", "read_pruned", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
 
@@ -235,21 +237,6 @@ def _build_module(spec: Any) -> nn.Module:
         return cls(**kwargs)
 
 
-def _set_path(root: nn.Module, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    owner = root
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    if isinstance(value, nn.Module):
-        owner.add_module(leaf, value)
-    elif isinstance(value, nn.Parameter):
-        owner.register_parameter(leaf, value)
-    else:
-        owner.register_buffer(leaf, value)
-
-
 def _digest(tensor: torch.Tensor) -> str:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     data = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
@@ -299,13 +286,14 @@ def _graphs_to_store(model: nn.Module) -> dict[str, tuple[list[dict], dict[str, 
     return {entry["name"]: _encode_graph(model.get_submodule(entry["name"])) for entry in report.submodules}
 
 
+# The report's fields a file keeps: all but the lowering decisions (objects of a run) and the allocation search.
+_STORED_REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(SparsityReport) if f.name not in ("lowering",
+                                                                                                  "allocation"))
+
+
 def _report_dict(report: SparsityReport) -> dict[str, Any]:
-    return {"pattern": report.pattern, "method": report.method, "total_s": report.total_s,
-            "layers": report.to_dicts(), "bn_reestimated": report.bn_reestimated,
-            "stats_corrected": report.stats_corrected, "permuted": report.permuted,
-            "opened_attention": report.opened_attention, "folded": report.folded, "submodules": report.submodules,
-            "refused_submodules": report.refused_submodules, "memory": report.memory,
-            "distributed": report.distributed}
+    stored = {name: getattr(report, name) for name in _STORED_REPORT_FIELDS}
+    return {**stored, "layers": report.to_dicts()}
 
 
 def save(gm: nn.Module, path: str | os.PathLike) -> dict[str, int]:
@@ -413,10 +401,10 @@ def _build_graph_module(entry: dict, decoded: dict[str, torch.Tensor], parameter
     """A GraphModule from its stored nodes and modules and its (decoded) tensors."""
     root = nn.Module()
     for target, spec in entry["modules"].items():
-        _set_path(root, target, _build_module(spec))
+        set_path(root, target, _build_module(spec), create=True)
     for name, tensor in decoded.items():  # replaces the modules' meta tensors
         value = nn.Parameter(tensor, requires_grad=tensor.is_floating_point()) if parameters[name] else tensor
-        _set_path(root, name, value)
+        set_path(root, name, value, create=True)
     leftover = [n for n, t in list(root.named_parameters()) + list(root.named_buffers()) if t.is_meta]
     if leftover:
         raise SgfxFormatError(f"tensors missing from the file: {leftover}")
@@ -451,12 +439,11 @@ def _into_model(model: nn.Module, graphs: dict[str, dict], decoded: dict[str, to
         mine = {k[len(prefix):]: v for k, v in decoded.items() if k.startswith(prefix)}
         gm = _build_graph_module(entry, mine, {k[len(prefix):]: v for k, v in parameters.items()
                                                if k.startswith(prefix)})
-        parent, _, attr = name.rpartition(".")
         try:
-            setattr(owned.get_submodule(parent) if parent else owned, attr, gm)
+            set_path(owned, name, gm)
         except AttributeError:
-            raise SgfxFormatError(f"the model passed has no submodule {parent!r}: not the model this file was "
-                                  "saved from") from None
+            raise SgfxFormatError(f"the model passed has no parent module for submodule {name!r}: not the model this "
+                                  "file was saved from") from None
     state = dict(owned.named_parameters(remove_duplicate=False))
     state.update(owned.named_buffers(remove_duplicate=False))
     if set(state) != set(decoded):
@@ -511,10 +498,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         raise SgfxFormatError(f"{path}: malformed sgfx file ({type(exc).__name__}: {exc})") from None
     report = _decode_report(meta)
     if report is not None:
-        if graphs is None:
-            result.meta[REPORT_KEY] = report
-        else:
-            result.sgfx_report = report
+        attach_report(result, report)
     return result
 
 
@@ -523,11 +507,8 @@ def _decode_report(meta: dict) -> SparsityReport | None:
     if not info:
         return None
     layers = [LayerRecord(**{**r, "weight_shape": tuple(r["weight_shape"])}) for r in info["layers"]]
-    return SparsityReport(info["pattern"], info["method"], layers, info["total_s"], info.get("bn_reestimated", []),
-                          info.get("stats_corrected", []), info.get("permuted", []),
-                          opened_attention=info.get("opened_attention", []), folded=info.get("folded", []),
-                          submodules=info.get("submodules", []), refused_submodules=info.get("refused_submodules", {}),
-                          memory=info.get("memory", {}), distributed=info.get("distributed", {}))
+    stored = {name: info[name] for name in _STORED_REPORT_FIELDS if name in info and name != "layers"}
+    return SparsityReport(**stored, layers=layers)
 
 
 def read_pruned(path: str | os.PathLike) -> tuple[SparsityReport | None, dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ def _seed():
 def solved_hessians(monkeypatch):
     """Every Hessian the SparseGPT solve receives during the test: (weight shape, float64 copy), in call order
     (``dict(solved_hessians)[shape]`` is the last one of that shape)."""
-    import sgfx.passes.prune_layers as engine
+    import sgfx.engine.layer_step as engine
 
     calls = []
     real = engine.sparsegpt_prune

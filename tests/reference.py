@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -116,3 +117,19 @@ def polygraphy_sparse_tensors(model) -> tuple[set[str], set[str]]:
         pruner.prune_infos.clear()  # check() walks the graph again
         pruner.check()
     return candidates, set(pruner.sparse_tensors)
+
+
+def conv_column_permutation(in_per_group: int, kernel_size: tuple[int, ...]) -> torch.Tensor:
+    """Index ``perm`` with ``solve_col[j] = unfold_col[perm[j]]`` for one conv group: ``F.unfold`` orders a
+    patch's features (C_in, k...), sgfx's solve layout (k..., C_in)."""
+    positions = math.prod(kernel_size)
+    channel = torch.arange(in_per_group).repeat(positions)  # (K·C,) channel of each solve column
+    position = torch.arange(positions).repeat_interleave(in_per_group)  # (K·C,) kernel position
+    return channel * positions + position
+
+
+def relative_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``‖WX − ŴX‖² / ‖WX‖²`` on the inputs ``H = X Xᵀ`` was built from: ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, in float64."""
+    h, w, delta = hessian.double(), weight.double(), (weight - pruned).double()
+    den = float(torch.einsum("ij,jk,ik->", w, h, w))
+    return float(torch.einsum("ij,jk,ik->", delta, h, delta)) / den if den > 0 else 0.0

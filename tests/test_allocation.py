@@ -8,9 +8,10 @@ import torch
 
 import sgfx
 from models import ConvBnNet, TwoLayer, cifar_resnet18, randomize_bn
-from sgfx.passes.allocation import (LayerCost, Sensitivity, allocate, candidate_levels, global_magnitude_levels,
+from sgfx.engine.allocation import (LayerCost, Sensitivity, allocate, candidate_levels, global_magnitude_levels,
                                    keep_dense)
-from sgfx.obs import sparsegpt_error_curve, sparsegpt_prune, relative_error
+from reference import relative_error
+from sgfx.obs import sparsegpt_error_curve, sparsegpt_prune
 from reference import correlated_inputs, hessian_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:sgfx.*left dense", "ignore:sgfx.*no bias")

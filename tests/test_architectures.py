@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import sgfx
-from sgfx.passes.inventory import is_weight
+from sgfx.engine.inventory import is_weight
+from sgfx.runtime.calibration import tensors_of
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import architectures  # noqa: E402
@@ -38,7 +39,7 @@ def test_architecture_sparsifies_with_every_weight_accounted_for(name, least):
     assert sgfx.check_pattern(pruned, "2:4")
     with torch.no_grad():
         out = pruned(make(g))
-    assert all(torch.isfinite(t).all() for t in sgfx.calibration.tensors_of(out))
+    assert all(torch.isfinite(t).all() for t in tensors_of(out))
     if name == "swin_t":  # its qkv/proj weights reach torchvision's wrapped shifted_window_attention: still pruned
         pruned_names = {r.weight_name for r in report.pruned_layers}
         assert {"features.1.0.attn.qkv.weight", "features.1.0.attn.proj.weight"} <= pruned_names

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgfx
-import sgfx.passes.prune_layers
+import sgfx.engine.layer_step
 from models import TinyTransformer, plain_sparsify
 from reference import hessian_of
 from sgfx.passes.attention import attention_core, open_attention
+from sgfx.report import SparsityReport
 
 
 class SelfAttention(nn.Module):
@@ -53,8 +54,9 @@ def test_opened_graph_equals_the_module(batch_first, need_weights, average, mask
     x = x if batch_first else x.transpose(0, 1)
     masks = _masks(mask, gen)
     gm = torch.fx.symbolic_trace(model)
-    opened, whole = open_attention(gm)
-    assert opened == ["attn"] and whole == {}
+    found = SparsityReport("2:4", "sparsegpt")
+    assert open_attention(gm, found) is gm
+    assert found.opened_attention == ["attn"] and found.kept_whole == {}
     assert not any(n.op == "call_module" for n in gm.graph.nodes)  # the MHA call is gone
     with torch.no_grad():
         expected, got = model(x, **masks), gm(x, **masks)
@@ -79,7 +81,9 @@ def test_separate_projection_weights_open_into_three(gen):
     inputs = (torch.randn(2, 5, 16, generator=gen), torch.randn(2, 7, 8, generator=gen),
               torch.randn(2, 7, 12, generator=gen))
     gm = torch.fx.symbolic_trace(model)
-    assert open_attention(gm)[0] == ["attn"]
+    found = SparsityReport("2:4", "sparsegpt")
+    open_attention(gm, found)
+    assert found.opened_attention == ["attn"]
     weights = [n.args[1].target for n in gm.graph.nodes if n.target is F.linear]
     assert weights == ["attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight", "attn.out_proj.weight"]
     with torch.no_grad():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import sgfx
 from models import ConvBnNet, randomize_bn, plain_sparsify
+from sgfx.engine.bn_reestimate import reestimate_batchnorm
 
 
 def _calib(gen):
@@ -45,8 +46,8 @@ def test_bn_reestimation_reduces_output_drift(gen):
     held_out = torch.randn(64, 3, 16, 16, generator=gen)
     with torch.no_grad():
         # give the dense model statistics that fit its inputs, as a trained model's would
-        sgfx.passes.bn_reestimate.reestimate_batchnorm(model.bn1, [model.conv1(x) for x in calib])
-        sgfx.passes.bn_reestimate.reestimate_batchnorm(
+        reestimate_batchnorm(model.bn1, [model.conv1(x) for x in calib])
+        reestimate_batchnorm(
             model.bn2, [model.conv2(model.pool(F.relu(model.bn1(model.conv1(x))))) for x in calib])
         dense = model(held_out)
         drift = {flag: (plain_sparsify(model, calib, "2:4", method="magnitude", bn_reestimate=flag)(held_out)
@@ -64,7 +65,6 @@ def test_reestimate_pools_batches_and_keeps_constant_channels(shape, gen):
     """Pooled statistics of uneven batches, with a constant channel (a dead ReLU channel) getting variance 0."""
     from torch import nn
 
-    from sgfx.passes.bn_reestimate import reestimate_batchnorm
 
     bn = nn.BatchNorm1d(3) if len(shape) == 2 else nn.BatchNorm2d(3)
     inputs = [torch.randn(shape, generator=gen) * 3 + 1, torch.randn((shape[0] // 2, *shape[1:]), generator=gen)]

@@ -10,9 +10,9 @@ import sgfx
 from models import ConvBnNet, cifar_resnet18, randomize_bn
 from sgfx.config import NMPattern
 from sgfx.passes.channel_permutation import (
-    _best_swaps, find_permutation_groups, kept_saliency, permute_channels, search_permutation,
+    _best_swaps, find_permutation_groups, kept_saliency, permute_channel_groups, search_permutation,
 )
-from sgfx.passes.sequential_prune import find_prunable_layers
+from sgfx.layers import find_prunable_layers
 from sgfx.passes.trace import trace
 
 
@@ -68,7 +68,7 @@ def test_permutation_leaves_the_dense_function_unchanged(gen, name):
     x = torch.randn(4, *shape, generator=gen)
     with torch.no_grad():
         before = gm(x)
-        groups = permute_channels(gm, batches, set(find_prunable_layers(gm)), NMPattern(2, 4))
+        groups = permute_channel_groups(gm, batches, set(find_prunable_layers(gm)), NMPattern(2, 4))
         after = gm(x)
     assert [g.name for g in groups] == producers
     assert any(not torch.equal(g.permutation, torch.arange(len(g.permutation))) for g in groups)

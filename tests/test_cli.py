@@ -14,8 +14,8 @@ from torch import nn
 
 import sgfx
 from sgfx import cli
-from sgfx.data import DataError, ImageSet, ImageTransform, find_images
-from sgfx.evaluation import accuracy, paired_difference, topk_correct
+from sgfx.cli.data import DataError, ImageSet, ImageTransform, find_images
+from sgfx.cli.evaluation import accuracy, paired_difference, topk_correct
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")
@@ -144,7 +144,7 @@ def test_torchvision_model_with_safetensors_weights(workspace, tmp_path):
 
 
 def test_model_sources_and_their_transforms(tmp_path, capsys):
-    from sgfx.sources import SourceError, load_model
+    from sgfx.cli.sources import SourceError, load_model
 
     loaded = load_model("torchvision:resnet18", num_classes=3)
     assert loaded.transform == ImageTransform(224, 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # IMAGENET1K_V1

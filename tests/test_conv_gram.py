@@ -7,7 +7,8 @@ from torch import nn
 
 import sgfx.layers as layers
 import sgfx.obs as obs
-from sgfx.conv_gram import assemble, correlate, plan_blocks
+from reference import conv_column_permutation
+from sgfx.layers.conv_gram import assemble, correlate, plan_blocks
 from sgfx.layers import PrunableLayer
 
 # (kernel, padding, dilation, groups, input H x W): same, valid, asymmetric "same" (even kernel), dilated,
@@ -30,9 +31,14 @@ def _unfolded(x: torch.Tensor, layer: PrunableLayer) -> torch.Tensor:
     cols = F.unfold(F.pad(x, layer.padding), layer.kernel_size, dilation=layer.dilation)  # (B, C·K, L)
     groups, per_group = layer.num_groups, layer.in_per_group
     rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (n, C·K) in (C, kh, kw) order
-    perm = layers.conv_column_permutation(per_group, layer.kernel_size)
+    perm = conv_column_permutation(per_group, layer.kernel_size)
     size = per_group * layer.kernel_size[0] * layer.kernel_size[1]
     return torch.stack([rows[:, g * size:(g + 1) * size][:, perm] for g in range(groups)])
+
+
+def _geometry(layer: PrunableLayer, height: int, width: int):
+    """The shift-correlation geometry the accumulator would use for an (H, W) kernel input, or None."""
+    return layer.shift_geometry(torch.empty(0, 0, height, width, device="meta"))
 
 
 def _upper_block_mask(cols: int, per_group: int) -> torch.Tensor:
@@ -47,7 +53,7 @@ def test_shifted_gram_equals_unfolded_product(kernel, padding, dilation, groups,
     layer = PrunableLayer.from_module("conv", conv)
     first = torch.randn(3, 8, *size, generator=gen, dtype=torch.float64)
     second = first if symmetric else torch.randn(3, 8, *size, generator=gen, dtype=torch.float64)
-    geometry = layer.patch_geometry(*size)
+    geometry = _geometry(layer, *size)
     sums = torch.zeros(groups, layer.columns, layer.columns, dtype=torch.float64)
     blocks = plan_blocks(geometry, symmetric)
     assemble(sums, *correlate(first, second, geometry, blocks, groups), blocks)
@@ -59,10 +65,10 @@ def test_shifted_gram_equals_unfolded_product(kernel, padding, dilation, groups,
 
 
 def test_geometry_does_not_apply_to_strided_or_padded_modes():
-    assert PrunableLayer.from_module("c", nn.Conv2d(8, 4, 3, stride=2)).patch_geometry(8, 8) is None
-    assert PrunableLayer.from_module("c", nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect")).patch_geometry(
-        8, 8) is None
-    assert PrunableLayer.from_module("c", nn.Conv2d(8, 4, 1)).patch_geometry(8, 8) is None
+    assert _geometry(PrunableLayer.from_module("c", nn.Conv2d(8, 4, 3, stride=2)), 8, 8) is None
+    assert _geometry(PrunableLayer.from_module("c", nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect")), 8,
+                     8) is None
+    assert _geometry(PrunableLayer.from_module("c", nn.Conv2d(8, 4, 1)), 8, 8) is None
     assert PrunableLayer.from_module("fc", nn.Linear(8, 4)).shift_geometry(torch.zeros(2, 8)) is None
 
 
@@ -75,7 +81,7 @@ def test_accumulator_routes_agree(chunk, gen, monkeypatch):
     inputs = [torch.randn(4, 16, 12, 12, generator=gen), torch.randn(3, 16, 12, 12, generator=gen)]
     results = {}
     for route in ("shifted", "unfolded"):
-        acc = layer.hessian_accumulator()
+        acc = layers.HessianAccumulator(layer)
         if route == "unfolded":
             monkeypatch.setattr(acc, "_shift_route", lambda x: None)
         else:
@@ -109,7 +115,7 @@ def test_batches_of_different_sizes_mix_routes(gen):
     layer = PrunableLayer.from_module("conv", conv)
     inputs = [torch.randn(2, 16, 12, 12, generator=gen), torch.randn(3, 16, 1, 1, generator=gen),
               torch.randn(2, 16, 12, 12, generator=gen)]
-    acc = layer.hessian_accumulator()
+    acc = layers.HessianAccumulator(layer)
     routes = [acc._shift_route(x) is not None for x in inputs]
     assert routes == [True, False, True]
     for x in inputs:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgfx
-import sgfx.passes.prune_layers
+import sgfx.engine.layer_step
 from models import plain_sparsify
-from reference import hessian_of
+from reference import conv_column_permutation, hessian_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:sgfx.*stayed dense")
 
@@ -56,7 +56,7 @@ def test_run_time_padding_conv_is_kept_whole_and_pruned_from_its_padded_input(ge
     records = {r.name: r for r in sgfx.get_report(gm).layers}
     assert records["conv2"].pruned and records["conv2"].op == "SamePadConv"
     assert sgfx.check_pattern(gm, "2:4")
-    perm = sgfx.layers.conv_column_permutation(8, (3, 3))
+    perm = conv_column_permutation(8, (3, 3))
 
     def by_hand(conv1):  # 9x9 input, stride 2, k 3: "same" pads 1 on each side
         rows = []

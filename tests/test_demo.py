@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from sgfx.cli import main  # noqa: E402
-from sgfx.demo import run_demo  # noqa: E402
+from sgfx.cli.demo import run_demo  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore:sgfx.*left dense")

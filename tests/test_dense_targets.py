@@ -70,14 +70,21 @@ def test_dense_target_weight_raises_damping_like_the_solve(gen):
                                                                      dilation=(2, 1)), dict(kernel_size=1),
     dict(kernel_size=3, padding="same", padding_mode="reflect"), dict(kernel_size=3, groups=2, stride=(2, 1)),
 ])
-def test_input_vectors_counts_the_hessian_samples(gen, conv):
-    from sgfx.layers import PrunableLayer
+def test_hessian_samples_count_the_input_vectors(gen, conv):
+    """The sample count dense targets divide by (the accumulator's) is the number of input vectors."""
+    from sgfx.layers import HessianAccumulator, PrunableLayer
+
+    def samples(layer, x):
+        accumulator = HessianAccumulator(layer)
+        accumulator.add(x)
+        accumulator.finalize()
+        return accumulator.samples
 
     layer = PrunableLayer.from_module("c", torch.nn.Conv2d(8, 8, **conv))
     x = torch.randn(3, 8, 11, 9, generator=gen)
-    assert layer.input_vectors(x) == layer.patches(x).shape[1]
+    assert samples(layer, x) == layer.patches(x).shape[1]
     linear = PrunableLayer.from_module("l", torch.nn.Linear(8, 4))
-    assert linear.input_vectors(torch.randn(3, 5, 8)) == 15
+    assert samples(linear, torch.randn(3, 5, 8)) == 15
 
 
 @pytest.mark.filterwarnings("ignore:sgfx.*left dense")
@@ -102,15 +109,13 @@ def test_dense_targets_only_where_samples_cover_the_columns(gen):
 ], ids=str)
 def test_dense_target_shift_equals_weight_times_cross_minus_hessian(gen, module):
     """The shift sgfx computes by a forward and a weight-gradient pass equals W (A − H) from the unfolded inputs."""
-    from sgfx.passes.prune_layers import dense_target_shifts as _dense_target_shifts
+    from sgfx.engine.layer_step import dense_target_shifts as _dense_target_shifts
     from sgfx.layers import PrunableLayer
 
     layer = PrunableLayer.from_module("m", module.double())
     shape = (3, 5, 8) if isinstance(module, torch.nn.Linear) else (3, 8, 11, 9)
     inputs = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2)]
     dense = [x + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64) for x in inputs]
-    got = _dense_target_shifts(layer, inputs, dense, sum(layer.input_vectors(x) for x in inputs), None)
-
     def vectors(xs):  # (groups, n, cols) in solve order
         if layer.op == "Linear":
             return torch.cat([x.reshape(-1, 8) for x in xs]).unsqueeze(0)
@@ -118,6 +123,7 @@ def test_dense_target_shift_equals_weight_times_cross_minus_hessian(gen, module)
 
     pruned_rows, dense_rows = vectors(inputs), vectors(dense)
     n = pruned_rows.shape[1]
+    got = _dense_target_shifts(layer, inputs, dense, n, None)
     for group, (w, shift) in enumerate(zip(layer.solve_matrices(), got)):
         x_p, x_d = pruned_rows[group], dense_rows[group]
         expected = w @ (2 / n * x_d.T @ x_p - 2 / n * x_p.T @ x_p)

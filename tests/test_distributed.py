@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgfx
-import sgfx.passes.prune_layers as prune_layers
+import sgfx.engine.layer_step as prune_layers
 
 WORLD = 2
 # Every remedy that reduces statistics across ranks is on in the default 2:4 configuration: BatchNorm

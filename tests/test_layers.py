@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgfx.layers as layers
-from reference import conv_via_loops_ok, unfold_hessian
+from reference import conv_column_permutation, conv_via_loops_ok, unfold_hessian
 from sgfx.config import NMPattern
 from sgfx.layers import PrunableLayer
 
@@ -46,7 +46,7 @@ def test_patches_equal_permuted_unfold(gen):
     layer = PrunableLayer.from_module("conv", conv)
     unfolded = F.unfold(x, (3, 2), dilation=(1, 2), padding=(1, 0), stride=(2, 1))  # (B, C·K, L)
     rows = unfolded.transpose(1, 2).reshape(-1, unfolded.shape[1])
-    perm = layers.conv_column_permutation(8, (3, 2))
+    perm = conv_column_permutation(8, (3, 2))
     torch.testing.assert_close(layer.patches(x)[0], rows[:, perm], rtol=0, atol=0)
 
 
@@ -56,13 +56,13 @@ def test_streaming_conv_hessian_equals_one_shot(kwargs, gen, monkeypatch):
     conv = nn.Conv2d(**kwargs, bias=False)
     inputs = [torch.randn(5, 8, 7, 6, generator=gen), torch.randn(2, 8, 7, 6, generator=gen)]
     layer = PrunableLayer.from_module("conv", conv)
-    acc = layer.hessian_accumulator()
+    acc = layers.HessianAccumulator(layer)
     for x in inputs:
         acc.add(x)
     got = acc.finalize()
     full = unfold_hessian(inputs, conv)  # (C·K, C·K) for all channels, unfold order
     cols = layer.columns
-    perm = layers.conv_column_permutation(layer.in_per_group, layer.kernel_size)
+    perm = conv_column_permutation(layer.in_per_group, layer.kernel_size)
     for g, h in enumerate(got):
         block = full[g * cols:(g + 1) * cols, g * cols:(g + 1) * cols]
         torch.testing.assert_close(h, block[perm][:, perm], rtol=1e-5, atol=1e-6)
@@ -75,7 +75,7 @@ def test_streaming_linear_hessian_equals_one_shot(gen, monkeypatch, min_tile, ti
     monkeypatch.setattr(layers.hessian, "_TILES", tiles)
     lin = nn.Linear(16, 4)
     inputs = [torch.randn(3, 5, 16, generator=gen), torch.randn(7, 16, generator=gen)]  # extra leading dims
-    acc = PrunableLayer.from_module("fc", lin).hessian_accumulator()
+    acc = layers.HessianAccumulator(PrunableLayer.from_module("fc", lin))
     for x in inputs:
         acc.add(x)
     (got,) = acc.finalize()
@@ -89,7 +89,7 @@ def test_one_vector_batches_are_collected_into_one_product(gen, monkeypatch, flo
     """A Linear layer fed one vector per batch: the buffered products give the one-shot Hessian and sample count."""
     monkeypatch.setattr(layers.hessian, "_FLOAT64_MAX_COLUMNS", float64_max)
     monkeypatch.setattr(layers.hessian, "_CHUNK_ELEMENTS", 16 * 5)  # a product every 5 vectors, 2 left pending at the end
-    acc = PrunableLayer.from_module("fc", nn.Linear(16, 4)).hessian_accumulator()
+    acc = layers.HessianAccumulator(PrunableLayer.from_module("fc", nn.Linear(16, 4)))
     inputs = [torch.randn(1, 16, generator=gen) for _ in range(12)]
     for x in inputs:
         acc.add(x)
@@ -131,6 +131,6 @@ def test_eligibility(module, pattern, eligible):
 
 
 def test_linear_rejects_wrong_width(gen):
-    acc = PrunableLayer.from_module("fc", nn.Linear(16, 4)).hessian_accumulator()
+    acc = layers.HessianAccumulator(PrunableLayer.from_module("fc", nn.Linear(16, 4)))
     with pytest.raises(ValueError, match="in_features"):
         acc.add(torch.randn(2, 15, generator=gen))

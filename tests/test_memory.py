@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import sgfx
-import sgfx.memory as memory
-from sgfx.activations import ActivationStore
-from sgfx.passes.prune_layers import memory_figure, show_progress
+import sgfx.runtime.memory as memory
+from sgfx.runtime.activations import ActivationStore
+from sgfx.engine.progress import memory_figure, show_progress
 from tests.models import ConvBnNet, cifar_resnet18, randomize_bn
 
 KB = 1 << 10
@@ -112,14 +112,14 @@ def no_baseline(monkeypatch):
     """The process's own memory counted as zero, so that a cap is about activations alone (the test process's
     RSS drifts by more than these small models' activations)."""
     monkeypatch.setattr(memory, "current_rss", lambda: 0)
-    monkeypatch.setattr(sgfx.api, "current_rss", lambda: 0)
+    monkeypatch.setattr(sgfx.engine.pipeline, "current_rss", lambda: 0)
 
 
 def _cap_for_spilling(model, calib, fraction=0.25):
     """A max_memory that leaves ``fraction`` of the estimated activations in memory (with ``no_baseline``)."""
     config = sgfx.SparsifyConfig("2:4")
     gm = sgfx.passes.trace.trace(model)
-    from sgfx.passes.sequential_prune import find_prunable_layers
+    from sgfx.layers import find_prunable_layers
 
     estimate = memory.estimate_memory(gm, calib, list(find_prunable_layers(gm).values()), True)
     assert config.dense_targets  # the estimate above counted the dense copy
@@ -253,7 +253,7 @@ class _MutatedWhileShared(torch.nn.Module):
 
 @pytest.mark.parametrize("pinned", [True, False])
 def test_values_mutated_in_place_while_shared_are_never_spilled(tmp_path, pinned):
-    from sgfx.passes.sequential_prune import SequentialPruner
+    from sgfx.engine.sweep import SequentialPruner
 
     gm = sgfx.passes.trace.trace(_MutatedWhileShared())
     batches = [torch.randn(3, 5) for _ in range(3)]

@@ -5,7 +5,6 @@ import torch
 
 from reference import correlated_inputs, hessian_of, per_column_obs
 from sgfx import FactorizationError, NMPattern, Unstructured, magnitude_prune, sparsegpt_prune, wanda_prune
-from sgfx.obs import upper_cholesky_of_inverse
 
 PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8), Unstructured(0.5), Unstructured(0.3)]
 
@@ -51,15 +50,6 @@ def test_inputs_not_modified(gen):
     w0, h0 = weight.clone(), hessian.clone()
     sparsegpt_prune(weight, hessian, NMPattern(2, 4), dtype=torch.float64)
     assert torch.equal(weight, w0) and torch.equal(hessian, h0)
-
-
-def test_upper_cholesky_of_inverse_is_the_cholesky_factor(gen):
-    _, hessian = _problem(gen, cols=40)
-    factor = upper_cholesky_of_inverse(hessian, damping=0.1)
-    damped = hessian + 0.1 * torch.eye(40, dtype=torch.float64)
-    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
-    torch.testing.assert_close(factor, expected, rtol=1e-8, atol=1e-10)
-    assert torch.equal(factor, factor.triu())
 
 
 def test_dead_columns_are_zeroed(gen):

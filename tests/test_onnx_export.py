@@ -268,3 +268,75 @@ def test_new_layer_kinds_export_with_their_axes(name, gen, tmp_path):
     others = [layer for layer in report.layers if layer.op_type != "ConvTranspose"]
     assert all(layer.eligible for layer in others if layer.pruned)
     _assert_polygraphy_agrees(path, others)
+
+
+# ------------------------------------------------------------------ graphs torch.export refuses, parity tolerance
+def _shape_arithmetic_onnx(path, rng):
+    """A Conv -> Relu -> Reshape(to a shape held in an initializer) -> Gemm graph: onnx2torch's Reshape turns the
+    shape tensor into Python sizes at run time (``torch.Size(shape)``), which torch.export cannot trace."""
+    init = {"w1": rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2, "b1": np.zeros(16, np.float32),
+            "w2": rng.standard_normal((12, 16 * 36)).astype(np.float32) * 0.05, "b2": np.zeros(12, np.float32),
+            "shape": np.array([-1, 16 * 36], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])],
+                              initializer=[numpy_helper.from_array(a, name) for name, a in init.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def test_a_model_converted_with_onnx2torch_exports_through_the_torchscript_exporter(gen, tmp_path):
+    onnx2torch = pytest.importorskip("onnx2torch")
+    import onnxruntime as ort
+
+    _shape_arithmetic_onnx(tmp_path / "source.onnx", np.random.default_rng(0))
+    converted = onnx2torch.convert(str(tmp_path / "source.onnx")).eval()
+    x = torch.randn(4, 8, 6, 6, generator=gen)
+    with pytest.raises(Exception):  # the case at hand: torch.export refuses the converted graph
+        torch.export.export(converted, (x,))
+    gm = sgfx.sparsify(converted, torch.randn(64, 8, 6, 6, generator=gen), "2:4")
+    assert {r.op for r in sgfx.get_report(gm).pruned_layers} == {"Conv2d", "Linear"}
+    with pytest.raises(Exception, match="export"):
+        sgfx.export_onnx(gm, (x,), tmp_path / "dynamo.onnx", exporter="dynamo")
+    report = sgfx.export_onnx(gm, (x,), tmp_path / "pruned.onnx", dynamic_batch=True)
+    assert report.exporter == "torchscript" and "TorchExportError" in report.fallback_reason
+    assert "torchscript exporter" in str(report)
+    assert len(report.pruned) == 2 and all(layer.eligible for layer in report.pruned)
+    _assert_polygraphy_agrees(tmp_path / "pruned.onnx", report.layers)
+    session = ort.InferenceSession(str(tmp_path / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    other = torch.randn(7, 8, 6, 6, generator=gen)  # another batch size: the batch dimension is dynamic
+    got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+    np.testing.assert_allclose(got, gm(other).detach().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown exporter 'onnx'"):
+        sgfx.export_onnx(gm, (x,), tmp_path / "m.onnx", exporter="onnx")
+
+
+class _IllConditioned(nn.Module):
+    """Outputs that pass through a large offset and back: float32 rounds them at the offset's scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return (self.fc(x) + 3e4) - 3e4
+
+
+def test_parity_is_held_to_the_models_own_float32_sensitivity(gen, tmp_path, monkeypatch):
+    gm = sgfx.sparsify(_IllConditioned().eval(), torch.randn(64, 32, generator=gen), "2:4")
+    x = torch.randn(8, 32, generator=gen)
+    report = sgfx.export_onnx(gm, (x,), tmp_path / "m.onnx", rtol=1e-6)
+    assert report.float32_sensitivity > 1e-4  # float32 vs float64 of the model itself
+    assert report.parity_tolerance == pytest.approx(max(1e-6, 4 * report.float32_sensitivity))
+    assert report.max_rel_error <= report.parity_tolerance
+    import onnxruntime as ort
+
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: [o + 1.0 for o in real_run(self, *a, **k)])
+    with pytest.raises(sgfx.ExportError, match=r"differ from the model's by .* above the tolerance .*own float32"):
+        sgfx.export_onnx(gm, (x,), tmp_path / "wrong.onnx", rtol=1e-6)
+    assert not (tmp_path / "wrong.onnx").exists()

@@ -1,6 +1,7 @@
 """Compressed save/load: bit-exact round trips, size, and rejection of bad files."""
 
 import json
+import pathlib
 import zipfile
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 import sgfx
-from models import ConvBnNet, Functional, TwoLayer, cifar_resnet18, randomize_bn
+from models import ConvBnNet, Functional, TinyDetector, TwoLayer, cifar_resnet18, randomize_bn
 from sgfx.serialization import pack_bitmask, pack_nm, unpack_bitmask, unpack_nm
 
 
@@ -202,3 +203,22 @@ def test_aten_targets_round_trip_and_nothing_else_resolves():
             _resolve_target({"module": "torch.ops.aten", "name": name})
     with pytest.raises(SgfxFormatError, match="not allowed"):
         _resolve_target({"module": "torch.ops.custom_ns", "name": "op.default"})
+
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def test_files_saved_before_the_layout_change_still_load():
+    """.sgfx files written by sgfx before the package was laid out anew (issue 20; tests/data/make_before_layout.py
+    wrote them) load and compute what they computed then: opened attention (named as sgfx.passes.attention in the
+    file), a conv/BatchNorm graph, and a detector saved with submodules=."""
+    expected = torch.load(DATA / "before_layout_outputs.pt", weights_only=True)
+    attention = sgfx.load(DATA / "before_layout_attention.sgfx")
+    assert sgfx.get_report(attention).opened_attention
+    torch.testing.assert_close(attention(expected["tokens"]), expected["attention"], rtol=0, atol=0)
+    convbn = sgfx.load(DATA / "before_layout_convbn.sgfx")
+    torch.testing.assert_close(convbn(expected["x"]), expected["convbn"], rtol=0, atol=0)
+    assert sgfx.check_pattern(convbn, "2:4")
+    detector = sgfx.load(DATA / "before_layout_detector.sgfx", model=TinyDetector().eval())
+    features = detector.backbone(torch.stack(expected["detector_images"]))["p4"]
+    torch.testing.assert_close(features, expected["detector_backbone"], rtol=0, atol=0)

@@ -9,9 +9,9 @@ from torch import nn
 
 import sgfx
 import sgfx.api
-import sgfx.passes.prune_layers
+import sgfx.engine.layer_step
 from models import ConvBnNet, Functional, TwoLayer, randomize_bn, plain_sparsify
-from reference import conv_via_loops_ok, hessian_of
+from reference import conv_column_permutation, conv_via_loops_ok, hessian_of
 
 PATTERNS = ["2:4", "1:4", "4:8", 0.5]
 
@@ -79,7 +79,7 @@ def test_sequential_hessian_comes_from_pruned_inputs(gen, solved_hessians):
     gm = sgfx.sparsify(model, calib, "2:4")
     conv2 = gm.conv2
     layer = sgfx.layers.PrunableLayer.from_module("conv2", conv2)
-    perm = sgfx.layers.conv_column_permutation(16, (3, 3))
+    perm = conv_column_permutation(16, (3, 3))
 
     def by_hand(first_layer):
         rows = []
@@ -206,7 +206,7 @@ def test_layers_inside_leaf_modules_are_pruned_sequentially(gen, solved_hessians
     records = {r.name: r for r in sgfx.get_report(gm).layers}
     assert [name for name, r in records.items() if r.pruned] == ["0.conv1", "0.conv2", "1"]
     assert sgfx.check_pattern(gm, "2:4")
-    perm = sgfx.layers.conv_column_permutation(16, (3, 3))
+    perm = conv_column_permutation(16, (3, 3))
 
     def by_hand(conv1):
         rows = []
@@ -396,3 +396,66 @@ def test_weights_passed_to_a_wrapped_function_are_pruned_sequentially(gen, solve
         torch.testing.assert_close(dict(solved_hessians)[(16, 32)], hessian_of(torch.cat(hidden)), rtol=1e-4, atol=1e-5)
         dense = [F.relu(F.linear(gm.fc(x), model.w_in)) for x in calib]
         assert not torch.allclose(dict(solved_hessians)[(16, 32)], hessian_of(torch.cat(dense)), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("where, value", [("conv1.weight", float("nan")), ("conv2.bias", float("inf")),
+                                          ("bn1.running_var", float("inf"))])
+def test_nonfinite_weights_are_refused_with_their_names(where, value):
+    model = ConvBnNet().eval()
+    with torch.no_grad():
+        sgfx.layers.fetch_tensor(model, where).view(-1)[3] = value
+    with pytest.raises(ValueError, match=rf"non-finite values.*{where.replace('.', '[.]')} \("):
+        sgfx.sparsify(model, torch.randn(4, 3, 16, 16), "2:4")
+
+
+class _TwoInputs(nn.Module):
+    """A two-branch model (image + side input), as a siamese or image + metadata network."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(16, 8)
+        self.side = nn.Linear(12, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x, side, scale: float = 1.0):
+        return self.head(F.relu(self.image(x) + scale * self.side(side)))
+
+
+def _two_input_batches(gen):
+    return [(torch.randn(32, 16, generator=gen), torch.randn(32, 12, generator=gen) * 3) for _ in range(3)]
+
+
+@pytest.mark.parametrize("wrap", ["Inputs", "dict", "Inputs with a target", "keyword"])
+def test_several_inputs_are_calibrated_on_their_real_values(gen, solved_hessians, wrap):
+    """Each graph input gets its own calibration values: the side branch's Hessian is built from the side inputs
+    given, not from a default or the first input."""
+    data = _two_input_batches(gen)
+    items = {"Inputs": [sgfx.Inputs(x, s) for x, s in data],
+             "dict": [{"x": x, "side": s} for x, s in data],
+             "Inputs with a target": [(sgfx.Inputs(x, s), torch.zeros(len(x))) for x, s in data],
+             "keyword": [sgfx.Inputs(x, side=s, scale=1.0) for x, s in data]}[wrap]
+    model = _TwoInputs().eval()
+    gm = sgfx.sparsify(model, items, "2:4", dense_targets=False, stats_correction=False)
+    hessians = dict(solved_hessians)
+    torch.testing.assert_close(hessians[(8, 12)], hessian_of(torch.cat([s for _, s in data])), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hessians[(8, 16)], hessian_of(torch.cat([x for x, _ in data])), rtol=1e-5, atol=1e-5)
+    assert sgfx.check_pattern(gm, "2:4")
+    x, s = data[0]
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(gm.state_dict())  # the model's own forward with the pruned weights
+    torch.testing.assert_close(gm(x, s), reference(x, s), rtol=1e-6, atol=1e-6)
+
+
+def test_several_inputs_bad_items():
+    with pytest.raises(ValueError, match="gets no value: a plain batch feeds the first input only: pass each "
+                                         "batch as sgfx.Inputs"):
+        sgfx.sparsify(_TwoInputs().eval(), [torch.randn(4, 16)], "2:4")
+    with pytest.raises(TypeError, match="batch 0: Inputs\\(\\) holds no tensor"):
+        sgfx.sparsify(_TwoInputs().eval(), [sgfx.Inputs()], "2:4")
+    with pytest.raises(ValueError, match="batch 1 contains NaN"):
+        sgfx.sparsify(_TwoInputs().eval(), [sgfx.Inputs(torch.randn(4, 16), torch.randn(4, 12)),
+                                            sgfx.Inputs(torch.randn(4, 16), torch.full((4, 12), float("nan")))],
+                      "2:4")
+    with pytest.raises(ValueError, match="augment='hflip' needs image batches"):
+        sgfx.sparsify(_TwoInputs().eval(), [sgfx.Inputs(torch.randn(4, 16), torch.randn(4, 12))], "2:4",
+                      augment="hflip")

@@ -9,7 +9,7 @@ from torch import nn
 
 import sgfx
 from models import ConvBnNet, Functional, randomize_bn, plain_sparsify
-from sgfx.passes import stats_correction as sc
+from sgfx.engine import stats_correction as sc
 
 
 class NoBnNet(nn.Module):

@@ -6,10 +6,10 @@ import torch.fx
 import torch.nn.functional as F
 
 import sgfx
-import sgfx.passes.prune_layers
+import sgfx.engine.layer_step
 from models import TinyDetector, plain_sparsify
-from reference import hessian_of
-from sgfx.passes.inventory import is_weight
+from reference import conv_column_permutation, hessian_of
+from sgfx.engine.inventory import is_weight
 
 pytestmark = pytest.mark.filterwarnings("ignore:sgfx.*stayed dense")
 
@@ -63,7 +63,7 @@ def test_shared_head_is_calibrated_on_every_level_from_the_pruned_backbone(gen, 
                 for level in backbone(torch.stack(batch)).values():
                     cols = F.unfold(level, 3, padding=1)  # (B, C·9, L)
                     rows.append(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
-        perm = sgfx.layers.conv_column_permutation(32, (3, 3))
+        perm = conv_column_permutation(32, (3, 3))
         return hessian_of(torch.cat(rows))[perm][:, perm]
 
     got = dict(solved_hessians)[(32, 32 * 9)]  # the last of this shape: backbone.c4 has it too
@@ -183,7 +183,8 @@ def test_dict_inputs_trace_and_objects_holding_tensors_are_refused(gen):
 
 
 def test_shared_use_scheduling_keeps_the_function_and_refuses_aliased_in_place_ops(gen):
-    from sgfx.passes.sequential_prune import find_prunable_layers, schedule_shared_uses
+    from sgfx.layers import find_prunable_layers
+    from sgfx.passes import schedule_shared_uses
 
     class Levels(torch.nn.Module):  # a head shared by two levels, the second level computed after the first head
         def __init__(self, inplace_alias=False):
@@ -205,7 +206,9 @@ def test_shared_use_scheduling_keeps_the_function_and_refuses_aliased_in_place_o
     gm = torch.fx.symbolic_trace(Levels())
     with torch.no_grad():
         before = gm(x)
-        assert schedule_shared_uses(gm, find_prunable_layers(gm))
+        order = [n.name for n in gm.graph.nodes]
+        assert schedule_shared_uses(gm, find_prunable_layers(gm)) is gm
+        assert [n.name for n in gm.graph.nodes] != order  # reordered
         torch.testing.assert_close(gm(x), before)
     names = [n.name for n in gm.graph.nodes]
     assert names.index("down") < names.index("head")  # both levels' inputs exist at the first head call
@@ -213,4 +216,6 @@ def test_shared_use_scheduling_keeps_the_function_and_refuses_aliased_in_place_o
     head = {r.name: r for r in sgfx.get_report(pruned).layers}["head"]
     assert head.uses == 2 and head.samples == 2 * (8 * 8 + 4 * 4)  # calibrated on both calls
     aliased = torch.fx.symbolic_trace(Levels(inplace_alias=True))
-    assert not schedule_shared_uses(aliased, find_prunable_layers(aliased))
+    order = [n.name for n in aliased.graph.nodes]
+    schedule_shared_uses(aliased, find_prunable_layers(aliased))
+    assert [n.name for n in aliased.graph.nodes] == order  # left as it was

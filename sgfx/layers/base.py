@@ -26,10 +26,12 @@ from torch.fx.node import Node
 
 from ..config import NMPattern, Pattern
 from ..layout import nm_axis
+from .paths import fetch_tensor
 
-__all__ = ["PrunableLayer", "LayerUnsupported", "register", "KINDS", "fetch_tensor", "layer_for_module", "find_layer"]
+__all__ = ["PrunableLayer", "LayerUnsupported", "register", "KINDS", "layer_for_module", "find_layer",
+           "find_prunable_layers"]
 
-KINDS: list[type["PrunableLayer"]] = []  # registered kinds, most specific first
+KINDS: list[type["PrunableLayer"]] = []  # registered kinds, in import order; the first that accepts a module wins
 
 
 def register(kind: type["PrunableLayer"]) -> type["PrunableLayer"]:
@@ -40,14 +42,6 @@ def register(kind: type["PrunableLayer"]) -> type["PrunableLayer"]:
 
 class LayerUnsupported(ValueError):
     """Raised while pruning when a layer turns out not to be prunable (the layer is left dense with this reason)."""
-
-
-def fetch_tensor(root: nn.Module, target: str) -> torch.Tensor | None:
-    """The tensor at dotted path ``target`` under ``root`` (a parameter, buffer or plain attribute), or None."""
-    value = root
-    for atom in target.split("."):
-        value = getattr(value, atom, None)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 class PrunableLayer:
@@ -142,12 +136,8 @@ class PrunableLayer:
         """Input vectors of a kernel input as (groups, n, columns) float32 chunks of about ``chunk_elements``."""
         raise NotImplementedError
 
-    def input_vectors(self, x: torch.Tensor) -> int:
-        """How many input vectors (Hessian samples) one batch ``x`` of the node's input holds."""
-        raise NotImplementedError
-
     def shift_geometry(self, kernel_x: torch.Tensor):
-        """A :class:`sgfx.conv_gram.ConvGeometry` when shifted correlations can build the Gram blocks, else None."""
+        """A :class:`sgfx.layers.conv_gram.ConvGeometry` when shifted correlations can build the Gram blocks, else None."""
         return None
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,11 +148,6 @@ class PrunableLayer:
         """``Σ g pᵀ`` over the input vectors p of ``x`` and matching output vectors g of ``grad`` (shaped like the
         layer's output): the weight gradient, one (rows, columns) matrix per group in solve order."""
         raise NotImplementedError
-
-    def hessian_accumulator(self, device: torch.device | None = None, diagonal_only: bool = False):
-        from .hessian import HessianAccumulator
-
-        return HessianAccumulator(self, device, diagonal_only)
 
 
 def bind_call(node: Node, argnames: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -208,3 +193,25 @@ def find_layer(gm: torch.fx.GraphModule, node: Node,
     if claimed and on_reject is not None:
         on_reject("arguments not supported (geometry computed at run time)")
     return None
+
+
+def find_prunable_layers(gm: torch.fx.GraphModule,
+                         rejected: dict[Node, str] | None = None) -> dict[Node, PrunableLayer]:
+    """Prunable nodes (every registered layer kind) in topological order. A weight used by
+    several nodes (a head shared across feature levels) is pruned at its first use, from the inputs of every use
+    available by then; ``layer.uses`` lists the nodes. ``rejected`` (if given) receives the calls of a known kind
+    that cannot be pruned, with the reason."""
+    layers: dict[Node, PrunableLayer] = {}
+    first_use: dict[int, PrunableLayer] = {}
+    for node in gm.graph.nodes:
+        on_reject = None if rejected is None else (lambda reason, node=node: rejected.__setitem__(node, reason))
+        layer = find_layer(gm, node, on_reject)
+        if layer is None:
+            continue
+        if id(layer.weight) in first_use:
+            first_use[id(layer.weight)].uses.append(node)
+            continue
+        layer.uses = [node]
+        first_use[id(layer.weight)] = layer
+        layers[node] = layer
+    return layers

@@ -6,7 +6,7 @@ tensor cores and TensorRT require).
 
 Input vectors: the patches the conv multiplies, cut straight into solve order from a channels-last copy of the
 padded input with one strided view (im2col written once), honouring stride, padding (mode), dilation and groups.
-Stride-1 2-D convs may skip the unfolding (:mod:`sgfx.conv_gram`, chosen by the Hessian accumulator).
+Stride-1 2-D convs may skip the unfolding (:mod:`sgfx.layers.conv_gram`, chosen by the Hessian accumulator).
 """
 
 from __future__ import annotations
@@ -18,18 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..conv_gram import ConvGeometry
+from .conv_gram import ConvGeometry
 from .base import PrunableLayer, register
 
-__all__ = ["ConvLayer", "conv_column_permutation"]
+__all__ = ["ConvLayer", "is_plain_conv"]
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _WEIGHT_GRADS = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
-_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+_PLAIN_FORWARDS = {kind.forward for kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                             nn.ConvTranspose3d)}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _ATEN_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
                           "groups")
 _GEOMETRY = ("stride", "padding", "dilation", "groups", "output_padding")
+
+
+def is_plain_conv(module: nn.Module) -> bool:
+    """An ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d`` whose ``forward`` is its PyTorch class's own (a
+    subclass that overrides it may pad, transform the weight or do more at run time)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and type(module).forward in _PLAIN_FORWARDS
 
 
 def as_tuple(value: Any, dims: int) -> tuple[int, ...]:
@@ -43,17 +50,6 @@ def as_tuple(value: Any, dims: int) -> tuple[int, ...]:
 def pad_order(before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, ...]:
     """Per-dim (before, after) padding in ``F.pad`` order: last spatial dim first."""
     return tuple(v for b, a in zip(reversed(before), reversed(after)) for v in (b, a))
-
-
-def conv_column_permutation(in_per_group: int, kernel_size: tuple[int, ...]) -> torch.Tensor:
-    """Index ``perm`` with ``solve_col[j] = unfold_col[perm[j]]`` for one conv group.
-
-    ``F.unfold`` orders a patch's features (C_in, k...); the solve layout orders them (k..., C_in).
-    """
-    positions = math.prod(kernel_size)
-    channel = torch.arange(in_per_group).repeat(positions)  # (K·C,) channel of each solve column
-    position = torch.arange(positions).repeat_interleave(in_per_group)  # (K·C,) kernel position
-    return channel * positions + position
 
 
 def geometry_from_call(bound: dict[str, Any], target: Any) -> dict[str, Any] | None:
@@ -103,7 +99,7 @@ class ConvLayer(PrunableLayer):
 
     @classmethod
     def accepts_module(cls, module: nn.Module) -> bool:
-        return type(module).forward in _PLAIN_FORWARDS
+        return is_plain_conv(module)
 
     @classmethod
     def build_from_module(cls, name: str, module: nn.Module) -> "ConvLayer":
@@ -206,22 +202,11 @@ class ConvLayer(PrunableLayer):
         for start in range(0, kernel_x.shape[0], step):
             yield self.patches(kernel_x[start:start + step])  # (groups, n, cols)
 
-    def kernel_input_shape(self, shape: torch.Size) -> tuple[int, ...]:
-        return tuple(shape)
-
-    def input_vectors(self, x: torch.Tensor) -> int:
-        shape = self.kernel_input_shape(x.shape)
-        return shape[0] * math.prod(self._output_size(self._padded_size(shape[2:])))
-
     def shift_geometry(self, kernel_x: torch.Tensor) -> ConvGeometry | None:
         if (self.dims != 2 or self.stride != (1, 1) or self.padding_mode != "zeros" or self.kernel_size == (1, 1)
                 or min(self.padding) < 0):
             return None
         return ConvGeometry(self.kernel_size, self.dilation, self.padding, *kernel_x.shape[-2:])
-
-    def patch_geometry(self, height: int, width: int) -> ConvGeometry | None:
-        """The shift-correlation geometry for an (H, W) kernel input, or None when it does not apply."""
-        return self.shift_geometry(torch.empty(0, 0, height, width, device="meta"))
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _CONV_FNS[self.dims](self._pad(self.kernel_input(x)), weight, None, self.stride, 0, self.dilation,

@@ -17,15 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PrunableLayer, register
-from .conv import ConvLayer, as_tuple, geometry_from_call, pad_order
+from .conv import _ATEN_CONVOLUTION_ARGS, ConvLayer, as_tuple, geometry_from_call, is_plain_conv, pad_order
 
 __all__ = ["ConvTransposeLayer"]
 
 _TRANSPOSE_FNS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_ATEN_CONVOLUTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
-                          "groups")
-_PLAIN_FORWARDS = {nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward}
 
 
 @register
@@ -56,7 +53,7 @@ class ConvTransposeLayer(ConvLayer):
 
     @classmethod
     def accepts_module(cls, module: nn.Module) -> bool:
-        return type(module).forward in _PLAIN_FORWARDS and module.padding_mode == "zeros"
+        return is_plain_conv(module) and module.padding_mode == "zeros"
 
     @classmethod
     def build_from_module(cls, name: str, module: nn.Module) -> "ConvTransposeLayer":

@@ -4,7 +4,7 @@ Each chunk's product runs in float32 (BLAS block sums keep its relative error ne
 added later) and chunks accumulate in float64 so that many batches do not drift. Inputs are cut into vectors a few
 images at a time by the layer kind (:meth:`PrunableLayer.rows`), so no layer ever holds the unfolded inputs of the
 whole calibration set. Stride-1 2-D convs on feature maps large against their kernel skip the unfolding: their Gram
-blocks come from shifted correlations of the input (:mod:`sgfx.conv_gram`), whichever of the two routes needs fewer
+blocks come from shifted correlations of the input (:mod:`sgfx.layers.conv_gram`), whichever of the two routes needs fewer
 multiply-adds.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
-from ..conv_gram import assemble, correlate, gram_flops, plan_blocks
+from ..runtime import distributed
+from .conv_gram import assemble, correlate, gram_flops, plan_blocks
 from .base import PrunableLayer
 
 __all__ = ["HessianAccumulator"]
@@ -156,7 +156,7 @@ class HessianAccumulator:
             self._buffer_rows(rows)
 
     def _reduce(self) -> None:
-        """Add up the sums and counts of every rank (:mod:`sgfx.distributed`; nothing for one process)."""
+        """Add up the sums and counts of every rank (:mod:`sgfx.runtime.distributed`; nothing for one process)."""
         if not distributed.is_active():
             return
         if self.sums is None:  # this rank's shard never reached the layer: contribute zeros

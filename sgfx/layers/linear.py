@@ -55,9 +55,6 @@ class LinearLayer(PrunableLayer):
         for start in range(0, flat.shape[0], step):
             yield flat[start:start + step].unsqueeze(0)
 
-    def input_vectors(self, x: torch.Tensor) -> int:
-        return x.numel() // x.shape[-1]
-
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
 

@@ -13,7 +13,6 @@ transformed weight into a plain conv (:func:`fold_weight_transforms`, inference 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,7 +21,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .base import LayerUnsupported, register
-from .conv import _CONV_ARGS, _PLAIN_FORWARDS, ConvLayer, as_tuple
+from .paths import set_path
+from .conv import _CONV_ARGS, ConvLayer, as_tuple, is_plain_conv
 
 __all__ = ["ModuleConvLayer", "capture_conv_call", "has_own_forward", "fold_weight_transforms"]
 
@@ -31,7 +31,7 @@ _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 def has_own_forward(module: nn.Module) -> bool:
     """An ``nn.Conv1d/2d/3d`` subclass that overrides ``forward``."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward not in _PLAIN_FORWARDS
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not is_plain_conv(module)
 
 
 class _ConvRecorder(TorchFunctionMode):
@@ -74,10 +74,6 @@ class ModuleConvLayer(ConvLayer):
         self.module = module
         self._captured = False
 
-    @property
-    def nm_axis(self) -> int:
-        return 1
-
     @classmethod
     def accepts_module(cls, module: nn.Module) -> bool:
         return has_own_forward(module)
@@ -103,15 +99,6 @@ class ModuleConvLayer(ConvLayer):
             raise LayerUnsupported(f"{type(self.module).__name__}: its conv geometry changes between calls")
         return call["input"]
 
-    def kernel_input_shape(self, shape: torch.Size) -> tuple[int, ...]:
-        raise NotImplementedError  # run-time padding: count from the recorded input instead
-
-    def input_vectors(self, x: torch.Tensor) -> int:
-        kernel_x = self.kernel_input(x)
-        return kernel_x.shape[0] * self._vectors_per_image(kernel_x)
-
-    def _vectors_per_image(self, kernel_x: torch.Tensor) -> int:
-        return math.prod(self._output_size(self._padded_size(tuple(kernel_x.shape[2:]))))
 
 
 def fold_weight_transforms(gm: torch.fx.GraphModule, inputs: dict[str, torch.Tensor]) -> list[str]:
@@ -144,7 +131,6 @@ def fold_weight_transforms(gm: torch.fx.GraphModule, inputs: dict[str, torch.Ten
             if not torch.allclose(plain(x), output, rtol=1e-4, atol=1e-5):
                 continue  # the forward does more than one conv: leave it
         plain.train(module.training)
-        parent, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, plain)
+        set_path(gm, name, plain)
         folded.append(name)
     return folded

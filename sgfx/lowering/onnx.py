@@ -31,12 +31,12 @@ from tabulate import tabulate
 from torch import nn
 
 from ..check import count_violations
-from ..layout import nm_groups
+from ..layout import nm_groups, onnx_nm_axis, onnx_torch_axis
 from ..config import NMPattern, parse_pattern
 from ..layers import fetch_tensor
 from ..report import LayerRecord, SparsityReport, find_report
 
-__all__ = ["OnnxLayer", "OnnxExportReport", "ExportError", "export_onnx", "check_onnx_sparsity", "tensorrt_axis",
+__all__ = ["OnnxLayer", "OnnxExportReport", "ExportError", "export_onnx", "check_onnx_sparsity",
            "trtexec_command"]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,11 @@ class OnnxExportReport:
     dtype: str
     layers: list[OnnxLayer] = field(default_factory=list)
     max_rel_error: float | None = None  # max|ORT − torch| / max|torch| on the example inputs (float32 only)
+    float32_sensitivity: float | None = None  # the same measure between the model in float32 and in float64
+    parity_tolerance: float | None = None  # what max_rel_error was held to: max(rtol, 4 x float32_sensitivity)
     parity_note: str = ""
+    exporter: str = ""  # "dynamo" (torch.export) or "torchscript"
+    fallback_reason: str = ""  # why exporter="auto" fell back to the TorchScript exporter
 
     @property
     def pruned(self) -> list[OnnxLayer]:
@@ -103,10 +107,11 @@ class OnnxExportReport:
                  "x".join(map(str, layer.shape)), layer.axis, f"{layer.sparsity:.1%}",
                  "yes" if layer.pruned else "no", layer.reason] for layer in self.layers]
         headers = ["sgfx layer", "ONNX node", "op", "initializer", "shape", "2:4 axis", "zeros", "pruned", "TensorRT"]
-        parity = (f"max relative error vs PyTorch {self.max_rel_error:.2e}" if self.max_rel_error is not None
-                  else f"outputs not compared ({self.parity_note})")
+        parity = (f"max relative error vs PyTorch {self.max_rel_error:.2e} (tolerance {self.parity_tolerance:.2e})"
+                  if self.max_rel_error is not None else f"outputs not compared ({self.parity_note})")
+        exporter = f"; {self.exporter} exporter" + (f" ({self.fallback_reason})" if self.fallback_reason else "")
         summary = (f"{self.path} ({self.dtype}): {len(self.eligible)}/{len(self.layers)} weight layers "
-                   f"sparse-eligible, {len(self.pruned)} pruned by sgfx; {parity}")
+                   f"sparse-eligible, {len(self.pruned)} pruned by sgfx; {parity}{exporter}")
         return f"{summary}\n{tabulate(rows, headers=headers, tablefmt=tablefmt)}\nbuild: {self.trtexec}"
 
     def __str__(self) -> str:
@@ -131,19 +136,6 @@ def _import_onnx():
 
 
 # ------------------------------------------------------------------------------------------- the checker
-def tensorrt_axis(op_type: str, attributes: dict[str, Any]) -> int:
-    """The axis of a node's weight (input 1) that TensorRT's 2:4 groups run along (its reduction axis)."""
-    if op_type == "Conv":
-        return 1
-    if op_type == "ConvTranspose":  # [C_in, C_out/g, k...]: each output sums over C_in
-        return 0
-    if op_type == "Gemm":
-        return 1 if attributes.get("transB", 0) else 0
-    if op_type == "MatMul":
-        return 0
-    raise ValueError(f"no TensorRT sparsity rule for ONNX op {op_type!r}")
-
-
 def _attributes(node) -> dict[str, Any]:
     import onnx
 
@@ -213,7 +205,7 @@ def _scan(model: Any) -> tuple[list[OnnxLayer], dict[str, np.ndarray]]:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         attributes = _attributes(node)
-        name, axis = _resolve_weight(node.input[1], tensorrt_axis(node.op_type, attributes), initializers, producers)
+        name, axis = _resolve_weight(node.input[1], onnx_nm_axis(node.op_type, attributes), initializers, producers)
         if node.op_type == "MatMul" and (name is None or len(initializers[name].dims) != 2):
             continue  # activation x activation (attention scores) or a batched constant: not a weight layer
         layer = OnnxLayer(node.name or f"{node.op_type}_{index}", node.op_type, name, axis=axis)
@@ -260,7 +252,7 @@ def _model_pattern(report: SparsityReport, require_2_4: bool) -> Any:
 def _torch_layout(array: np.ndarray, axis: int, op_type: str = "Conv") -> np.ndarray:
     """An ONNX weight (or its mask) in PyTorch's layout: its reduction axis moved to where PyTorch has it (dim 1;
     dim 0 for ConvTranspose, whose ONNX layout is PyTorch's), a writable copy."""
-    return np.array(np.moveaxis(array, axis, 0 if op_type == "ConvTranspose" else 1))
+    return np.array(np.moveaxis(array, axis, onnx_torch_axis(op_type)))
 
 
 def _match_layers(layers: list[OnnxLayer], records: list[LayerRecord], weights: dict[str, torch.Tensor],
@@ -293,8 +285,7 @@ def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern:
         if not layer.pruned:
             continue
         nonzero = torch.from_numpy(_torch_layout(nonzeros[layer.initializer], layer.axis, layer.op_type))
-        axis = 0 if layer.op_type == "ConvTranspose" else 1
-        lost = count_violations(nonzero, pattern, axis) if isinstance(pattern, NMPattern) else 0
+        lost = count_violations(nonzero, pattern, onnx_torch_axis(layer.op_type)) if isinstance(pattern, NMPattern) else 0
         record = next(r for r in records if r.name == layer.layer)
         zeros, pruned_zeros = int((~nonzero).sum()), int((weights[record.weight_name] == 0).sum())
         if lost or zeros < pruned_zeros:
@@ -307,7 +298,35 @@ def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern:
         raise ExportError(f"{path}: the export does not keep sgfx's sparsity:\n  " + "\n  ".join(problems))
 
 
-def _parity(gm: nn.Module, args: tuple, path: Path) -> float:
+def _leaves(outputs: Any) -> list[np.ndarray]:
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(torch.utils._pytree.tree_leaves(outputs))
+    return [np.asarray(o.detach().cpu().double().numpy() if isinstance(o, torch.Tensor) else o, dtype=np.float64)
+            for o in outputs]
+
+
+def _max_rel_error(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """max |got − expected| / max |expected| over the outputs."""
+    error = 0.0
+    for want, have in zip(expected, got):
+        scale = float(np.abs(want).max()) if want.size else 1.0
+        error = max(error, float(np.abs(have - want).max()) / (scale or 1.0) if want.size else 0.0)
+    return error
+
+
+def _float32_sensitivity(gm: nn.Module, args: tuple, expected: list[np.ndarray]) -> float | None:
+    """How far the model's own float32 outputs are from its float64 outputs (the same measure as the parity
+    error): a float32 ONNX runtime cannot be held closer than that. None when the model does not run in float64."""
+    try:
+        with torch.no_grad():
+            exact = _leaves(copy.deepcopy(gm).double()(*(a.double() if a.is_floating_point() else a for a in args)))
+    except Exception as exc:  # an op without a float64 kernel: keep the plain tolerance
+        logger.info("float32 sensitivity not measured (the model does not run in float64: %s)", exc)
+        return None
+    return _max_rel_error(exact, expected)
+
+
+def _parity(gm: nn.Module, args: tuple, path: Path, rtol: float) -> tuple[float, float | None, float]:
+    """(onnxruntime's error against the model, the model's float32 sensitivity, the tolerance used)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -315,28 +334,74 @@ def _parity(gm: nn.Module, args: tuple, path: Path) -> float:
                           "(or pass check_outputs=False)") from None
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-    got = session.run(None, feeds)
+    got = [np.asarray(o, dtype=np.float64) for o in session.run(None, feeds)]
     with torch.no_grad():
-        expected = gm(*args)
-    expected = [expected] if isinstance(expected, torch.Tensor) else list(torch.utils._pytree.tree_leaves(expected))
-    error = 0.0
-    for want, have in zip(expected, got):
-        want = want.detach().cpu().double().numpy()
-        scale = float(np.abs(want).max()) or 1.0
-        error = max(error, float(np.abs(np.asarray(have, dtype=np.float64) - want).max()) / scale)
-    return error
+        expected = _leaves(gm(*args))
+    sensitivity = _float32_sensitivity(gm, args, expected)
+    # two float32 computations of the same function, each about `sensitivity` from the exact one, may differ by
+    # twice that; a factor of 2 more for kernels that sum in other orders (ONNX Runtime's fused Conv)
+    tolerance = max(rtol, 4 * sensitivity) if sensitivity is not None else rtol
+    return _max_rel_error(expected, got), sensitivity, tolerance
+
+
+def _check_parity(result: OnnxExportReport, model: nn.Module, args: tuple, staged: Path, check_outputs: bool,
+                  dtype: torch.dtype, rtol: float) -> None:
+    """Fill in the report's parity fields; raise :class:`ExportError` when onnxruntime disagrees with the model."""
+    if not check_outputs:
+        result.parity_note = "check_outputs=False"
+    elif dtype != torch.float32:
+        result.parity_note = f"{result.dtype} export: onnxruntime parity is checked on float32 exports"
+    else:
+        result.max_rel_error, result.float32_sensitivity, result.parity_tolerance = _parity(model, args, staged, rtol)
+        if not math.isfinite(result.max_rel_error) or result.max_rel_error > result.parity_tolerance:
+            sensitivity = "" if result.float32_sensitivity is None else \
+                f"; the model's own float32 outputs are {result.float32_sensitivity:.2e} from float64"
+            raise ExportError(f"{result.path}: onnxruntime's outputs differ from the model's by "
+                              f"{result.max_rel_error:.2e} (relative to the largest output), above the tolerance "
+                              f"{result.parity_tolerance:.2e} (rtol={rtol:g}{sensitivity})")
+
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def _export(model: nn.Module, args: tuple, staged: Path, exporter: str, opset_version: int | None,
+            dynamic_batch: bool, external: bool) -> tuple[str, str]:
+    """Write the ONNX file with the chosen exporter; returns (the exporter used, why "auto" fell back or "")."""
+    if exporter in ("auto", "dynamo"):
+        dynamic_shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
+        try:
+            torch.onnx.export(model, args, os.fspath(staged), dynamo=True, optimize=True, opset_version=opset_version,
+                              dynamic_shapes=dynamic_shapes, external_data=external, verbose=False)
+            return "dynamo", ""
+        except Exception as exc:  # torch.export refuses graphs with Python shape arithmetic (.tolist(), .item())
+            if exporter == "dynamo":
+                raise
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            logger.warning("sgfx: torch.export cannot export this model (%s); using the TorchScript exporter", reason)
+    names = [f"input_{i}" for i in range(len(args))]
+    with torch.no_grad():  # named outputs: the exporter would otherwise read a GraphModule's fx graph as TorchScript's
+        outputs = [f"output_{i}" for i in range(len(_leaves(model(*args))))]
+    dynamic = {n: {0: "batch"} for n in names + outputs} if dynamic_batch else None
+    torch.onnx.export(model, args, os.fspath(staged), dynamo=False, opset_version=opset_version, input_names=names,
+                      output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
+    return "torchscript", reason if exporter == "auto" else ""
 
 
 def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.Tensor, path: str | os.PathLike, *,
                 dtype: torch.dtype = torch.float32, opset_version: int | None = None, dynamic_batch: bool = False,
-                check_outputs: bool = True, rtol: float = 1e-4, require_2_4: bool = True) -> OnnxExportReport:
+                check_outputs: bool = True, rtol: float = 1e-4, require_2_4: bool = True,
+                exporter: str = "auto") -> OnnxExportReport:
     """Export a sparsified model to ONNX with ``torch.onnx.export`` and verify its sparsity for TensorRT.
 
-    The export uses PyTorch's current exporter (``dynamo=True``) with its optimizer on: it folds BatchNorm into the
-    preceding Conv, which rescales output channels and keeps every zero. The file is written next to ``path`` and
-    moved there only once verified: every layer sgfx pruned must still hold its pattern on its ONNX initializer
-    (else :class:`ExportError`), and with ``check_outputs`` onnxruntime's outputs on ``args`` must match the model's
-    within ``rtol`` (float32 exports).
+    The export uses PyTorch's current exporter (``dynamo=True``, through ``torch.export``) with its optimizer on: it
+    folds BatchNorm into the preceding Conv, which rescales output channels and keeps every zero. A model that
+    ``torch.export`` refuses (shape arithmetic in Python: ``.tolist()``, ``.item()``, as in models converted from
+    ONNX with onnx2torch) is exported with the TorchScript exporter instead (``exporter="auto"``; the report says
+    which ran and why). The file is written next to ``path`` and moved there only once verified: every layer sgfx
+    pruned must still hold its pattern on its ONNX initializer (else :class:`ExportError`), and with
+    ``check_outputs`` onnxruntime's outputs on ``args`` must match the model's within ``max(rtol, 4 x the model's
+    own float32 sensitivity)`` (float32 exports; the sensitivity is how far the model's float32 outputs are from
+    its float64 ones, which no float32 runtime can beat).
 
     Args:
         gm: a GraphModule from :func:`sgfx.sparsify` or :func:`sgfx.load` (it is not modified).
@@ -349,13 +414,15 @@ def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.T
         check_outputs: compare onnxruntime's outputs with the model's (float32 only; needs onnxruntime).
         rtol: tolerance of that comparison, relative to the largest output magnitude.
         require_2_4: refuse models pruned to a pattern that does not imply 2:4 (the only one TensorRT accelerates).
+        exporter: ``"auto"`` (default: ``torch.export``-based, else TorchScript), ``"dynamo"`` or ``"torchscript"``.
 
     Returns:
         An :class:`OnnxExportReport`: per layer the ONNX node and initializer, the axis TensorRT groups along and
         its verdict; the parity error; ``report.trtexec``, the command that builds the engine.
 
     Raises:
-        ValueError: not a model from sgfx, a non-2:4 model with ``require_2_4``, bad dtype or an unwritable path.
+        ValueError: not a model from sgfx, a non-2:4 model with ``require_2_4``, bad dtype or exporter, or an
+            unwritable path.
         ImportError: onnx/onnxscript (or onnxruntime, for ``check_outputs``) missing.
         ExportError: a pruned layer lost its pattern in export, or the outputs differ beyond ``rtol``.
 
@@ -372,6 +439,8 @@ def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.T
                          "returned by sgfx.sparsify or sgfx.load")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; accepted: {', '.join(EXPORTERS)}")
     args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise TypeError("args must be a tensor or a non-empty tuple of tensors (example inputs)")
@@ -381,31 +450,19 @@ def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.T
 
     model = copy.deepcopy(gm).eval().to(dtype=dtype)
     args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} for _ in args)
     staging = Path(tempfile.mkdtemp(prefix=".sgfx-export-", dir=path.parent if str(path.parent) else "."))
     try:
         staged = staging / path.name
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        torch.onnx.export(model, args, os.fspath(staged), dynamo=True, optimize=True, opset_version=opset_version,
-                          dynamic_shapes=dynamic_shapes, external_data=weight_bytes >= _EXTERNAL_DATA_BYTES,
-                          verbose=False)
+        used, fallback = _export(model, args, staged, exporter, opset_version, dynamic_batch,
+                                 weight_bytes >= _EXTERNAL_DATA_BYTES)
         layers, nonzeros = _scan(os.fspath(staged))
         weights = {r.weight_name: fetch_tensor(model, r.weight_name).detach() for r in report.layers if r.pruned}
         _match_layers(layers, report.layers, weights, nonzeros)
         _verify_pruned(layers, report.layers, pattern, path, weights, nonzeros)
-        result = OnnxExportReport(os.fspath(path), str(dtype).removeprefix("torch."), layers)
-        if not check_outputs:
-            result.parity_note = "check_outputs=False"
-        elif dtype != torch.float32:
-            result.parity_note = f"{result.dtype} export: onnxruntime parity is checked on float32 exports"
-        else:
-            result.max_rel_error = _parity(model, args, staged)
-            if not math.isfinite(result.max_rel_error) or result.max_rel_error > rtol:
-                raise ExportError(f"{path}: onnxruntime's outputs differ from the model's by {result.max_rel_error:.2e} "
-                                  f"(relative to the largest output), above rtol={rtol:g}")
+        result = OnnxExportReport(os.fspath(path), str(dtype).removeprefix("torch."), layers, exporter=used,
+                                  fallback_reason=fallback)
+        _check_parity(result, model, args, staged, check_outputs, dtype, rtol)
         for item in staging.iterdir():  # the model and any external-data file beside it
             os.replace(item, path.parent / item.name)
     finally:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..check import count_violations
-from ..report import REPORT_KEY
+from ..layers import is_plain_conv
+from ..report import find_report
 
 __all__ = ["LoweringDecision", "SemiStructuredLinear", "SemiStructuredConv1x1", "plan_semi_structured",
            "lower_semi_structured", "is_pointwise", "median_cuda_ms"]
@@ -68,7 +69,7 @@ def _weight_reason(weight: torch.Tensor, min_rows: int, min_cols: int, dtype: to
 
 def is_pointwise(conv: nn.Conv2d) -> bool:
     """A 1x1 convolution that is a plain matmul over channels (stride 1, no padding, groups 1)."""
-    return (type(conv).forward is nn.Conv2d.forward and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+    return (isinstance(conv, nn.Conv2d) and is_plain_conv(conv) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.groups == 1 and (conv.padding in ((0, 0), "valid")) and conv.padding_mode == "zeros")
 
 
@@ -211,7 +212,7 @@ def lower_semi_structured(gm: torch.fx.GraphModule, dtype: torch.dtype | None = 
         if decision.lowered:
             lowered.set_submodule(decision.layer, _replacement(lowered.get_submodule(decision.layer)))
     lowered.recompile()
-    report = lowered.meta.get(REPORT_KEY)
+    report = find_report(lowered)
     if report is not None:
         report.lowering = decisions
     return lowered

@@ -20,7 +20,7 @@ from typing import Any, Collection, Iterable, Sequence
 import torch
 import torch.fx
 
-from ..report import REPORT_KEY
+from ..report import find_report
 
 __all__ = ["lower_tensorrt", "TensorRTSparsity", "parse_sparsity_log", "TRT_LOGGER_NAME"]
 
@@ -129,7 +129,7 @@ def lower_tensorrt(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tens
     finally:
         trt_logger.removeHandler(capture)
         trt_logger.setLevel(level)
-    report = gm.meta.get(REPORT_KEY)
+    report = find_report(gm)
     pruned = [r.name for r in report.pruned_layers] if report is not None else []
     compiled.sgfx_tensorrt = parse_sparsity_log(capture.messages, pruned)
     logger.info("%s", compiled.sgfx_tensorrt)

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import Node
 
+from ..layers.paths import fetch_tensor
+from ..report import SparsityReport
+
 __all__ = ["open_attention", "attention_core", "attention_output"]
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -105,11 +108,11 @@ def _whole_reason(module: nn.MultiheadAttention, bound: dict) -> str | None:
     return None
 
 
-def open_attention(gm: torch.fx.GraphModule) -> tuple[list[str], dict[str, str]]:
-    """Rewrite every ``nn.MultiheadAttention`` call of ``gm`` that can be opened, in place.
+def open_attention(gm: torch.fx.GraphModule, report: SparsityReport | None = None) -> torch.fx.GraphModule:
+    """Rewrite every ``nn.MultiheadAttention`` call of ``gm`` that can be opened, in place; returns ``gm``.
 
-    Returns:
-        (names of the modules opened, {name: reason} for those kept whole).
+    ``report`` (if given) receives the names of the modules opened (``opened_attention``) and, in ``kept_whole``,
+    those kept whole with the reason.
     """
     opened, whole = [], {}
     graph = gm.graph
@@ -127,7 +130,7 @@ def open_attention(gm: torch.fx.GraphModule) -> tuple[list[str], dict[str, str]]
         name = str(node.target)
         with graph.inserting_before(node):
             def attr(path: str) -> Node | None:
-                return graph.get_attr(f"{name}.{path}") if _has_tensor(module, path) else None
+                return graph.get_attr(f"{name}.{path}") if fetch_tensor(module, path) is not None else None
 
             bias = attr("in_proj_bias")
             if module._qkv_same_embed_dim:
@@ -152,7 +155,10 @@ def open_attention(gm: torch.fx.GraphModule) -> tuple[list[str], dict[str, str]]
     if opened:
         graph.lint()
         gm.recompile()
-    return opened, whole
+    if report is not None:
+        report.opened_attention += opened
+        report.kept_whole.update(whole)
+    return gm
 
 
 def _weights_used(node: Node) -> bool:
@@ -160,8 +166,4 @@ def _weights_used(node: Node) -> bool:
     return not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users)
 
 
-def _has_tensor(module: nn.Module, path: str) -> bool:
-    value = module
-    for atom in path.split("."):
-        value = getattr(value, atom, None)
-    return isinstance(value, torch.Tensor)
+

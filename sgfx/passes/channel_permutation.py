@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -31,12 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import Node
 
-from .. import distributed
-from ..calibration import node_failure, placeholder_values
 from ..config import NMPattern
+from ..layers import is_plain_conv
+from ..report import SparsityReport
+from ..runtime import distributed
+from ..runtime.calibration import node_failure, placeholder_values
 
 __all__ = ["PermutationGroup", "find_permutation_groups", "search_permutation", "kept_saliency",
-           "apply_permutation", "permute_channels"]
+           "apply_permutation", "permute_channel_groups", "permute_channels"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ def _module(gm: torch.fx.GraphModule, node: Node) -> nn.Module | None:
 
 
 def _layer_kind(module: nn.Module | None) -> str | None:
-    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1:
+    if isinstance(module, nn.Conv2d) and is_plain_conv(module) and module.groups == 1:
         return "conv"
     if isinstance(module, nn.Linear):
         return "linear"
@@ -259,8 +262,8 @@ def apply_permutation(gm: torch.fx.GraphModule, group: PermutationGroup, order: 
     group.permutation = order
 
 
-def permute_channels(gm: torch.fx.GraphModule, batches: list[torch.Tensor], pruned: set[Node],
-                     pattern: NMPattern, seed: int = 0) -> list[PermutationGroup]:
+def permute_channel_groups(gm: torch.fx.GraphModule, batches: list[torch.Tensor], pruned: set[Node],
+                           pattern: NMPattern, seed: int = 0) -> list[PermutationGroup]:
     """Find every permutable producer, choose its order from the dense model's calibration activations and
     apply it to ``gm`` in place. Returns the groups (with kept saliency before and after) for the report."""
     groups = find_permutation_groups(gm, pruned, pattern)
@@ -304,3 +307,17 @@ def permute_channels(gm: torch.fx.GraphModule, batches: list[torch.Tensor], prun
         logger.info("%s: %d channels permuted, N:M-kept saliency %.4f -> %.4f of total", group.name, len(order),
                     group.kept_before / float(saliency.sum()), group.kept_after / float(saliency.sum()))
     return groups  # parameters changed in place; the graph itself is untouched
+
+
+def permute_channels(gm: torch.fx.GraphModule, batches: Sequence[Any], pruned: set[Node], pattern: NMPattern,
+                     report: SparsityReport | None = None) -> torch.fx.GraphModule:
+    """Reorder the channels between each prunable producer and its consumers (:func:`permute_channel_groups`) in
+    place; ``report.permuted`` receives each group (producer, consumers, channels, kept saliency before and
+    after). Returns ``gm``."""
+    with torch.no_grad():
+        groups = permute_channel_groups(gm, batches, pruned, pattern)
+    if report is not None:
+        report.permuted += [{"producer": g.name, "consumers": [str(c.target) for c in g.consumers],
+                             "channels": len(g.permutation), "kept_before": g.kept_before, "kept_after": g.kept_after}
+                            for g in groups]
+    return gm

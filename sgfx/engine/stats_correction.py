@@ -19,10 +19,9 @@ moved; a conv sees thousands of positions per image and keeps k ≈ 1.
 
 The layer's outputs are corrected the same way before the layers after it are calibrated on them. A layer whose
 only consumer is a BatchNorm that is being re-estimated is left to it, and so is a layer with fewer output values per
-channel than weight columns (in practice every Linear layer: one sample per image). Measured on the seed models at
-2:4: correcting the classifier layers cost 0.17–0.22 pp on CIFARCNN and ResNet-18, and the shrinkage did not
-recover it (CIFARCNN 0.43 → 0.40 pp), while correcting VGG-16's convs halved its drop (0.76 → 0.37 pp). A
-``Conv2d(bias=False)`` module gains a bias when a correction is applied to it.
+channel than weight columns (in practice every Linear layer: one sample per image): correcting classifier layers
+cost accuracy on the seed models, correcting VGG-16's convs helped (docs/RESULTS.md). A ``Conv2d(bias=False)``
+module gains a bias when a correction is applied to it.
 """
 
 from __future__ import annotations
@@ -35,8 +34,9 @@ import torch.fx
 from torch import nn
 from torch.fx.node import Node
 
-from .. import distributed
+from ..runtime import distributed
 from ..config import STATS_CORRECTIONS
+from ..layers import fetch_tensor
 
 __all__ = ["ChannelCorrection", "layers_to_correct", "channel_correction", "apply_correction",
            "layer_bias", "correction_hook", "shrinkage"]
@@ -85,7 +85,7 @@ class _Moments:
         self.count += y.shape[1]
 
     def reduce(self) -> "_Moments":
-        """Add up every rank's sums (:mod:`sgfx.distributed`); a no-op for one process."""
+        """Add up every rank's sums (:mod:`sgfx.runtime.distributed`); a no-op for one process."""
         if distributed.is_active():
             packed = distributed.all_reduce_sum(torch.cat([torch.tensor([float(self.count)], dtype=torch.float64,
                                                                         device=self.total.device),
@@ -159,10 +159,7 @@ def layer_bias(gm: torch.fx.GraphModule, node: Node, create: bool = True) -> tor
         return ensure_bias(module) if create else module.bias
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if isinstance(bias, Node) and bias.op == "get_attr":
-        tensor = gm
-        for part in str(bias.target).split("."):
-            tensor = getattr(tensor, part, None)
-        return tensor if isinstance(tensor, torch.Tensor) else None
+        return fetch_tensor(gm, str(bias.target))
     return None
 
 

@@ -5,12 +5,13 @@ Why before: a sweep that runs out of memory after an hour of Hessians is the wor
 calibration set was too large. One forward pass of the first batch gives every graph value's size; replaying the
 sweep's liveness (a value lives from its node to its last user) over those sizes, scaled to the whole calibration
 set, gives the activations' peak; the parameters (twice when the dense model runs alongside) and the largest layer's
-Hessian and factor are the fixed part. The activation store (:mod:`sgfx.activations`) then gets what is left of the
+Hessian and factor are the fixed part. The activation store (:mod:`sgfx.runtime.activations`) then gets what is left of the
 cap; what does not fit spills to disk, and a set that cannot run even then is refused with the numbers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import resource
@@ -25,8 +26,10 @@ from torch.fx.node import Node
 
 from .calibration import node_failure, placeholder_values, tensors_of
 
-__all__ = ["InsufficientMemory", "MemoryEstimate", "parse_bytes", "available_memory", "default_max_memory",
-           "current_rss", "estimate_memory", "activation_budget", "format_bytes"]
+__all__ = ["InsufficientMemory", "MemoryEstimate", "MemoryPlan", "parse_bytes", "available_memory",
+           "default_max_memory", "current_rss", "estimate_memory", "activation_budget", "plan_memory", "format_bytes"]
+
+logger = logging.getLogger(__name__)
 
 # The default cap: the memory in use when sparsify starts plus this fraction of what the machine has available.
 DEFAULT_AVAILABLE_FRACTION = 0.75
@@ -259,3 +262,38 @@ def activation_budget(estimate: MemoryEstimate, cap: int, spill_dir: str | None)
 def spill_room(spill_dir: str | None) -> int:
     """Free bytes where spilled activations would go (keeping 1 GiB free)."""
     return shutil.disk_usage(spill_dir or tempfile.gettempdir()).free - (1 << 30)
+
+
+def device_budget(device: torch.device) -> int:
+    """Accelerator memory activations may use: half of what is free when the sweep starts (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 2
+
+
+@dataclass
+class MemoryPlan:
+    """The activation budgets of one run (bytes per tier) and the report's memory entry."""
+
+    host: int
+    device: int
+    entry: dict[str, Any]
+
+
+def plan_memory(gm: torch.fx.GraphModule, batches, layers: list, dense_copy: bool, convert, cap: int,
+                spill_dir: str | None, device: torch.device) -> MemoryPlan:
+    """Estimate the run (:func:`estimate_memory`) and cut its activation budgets from ``cap``.
+
+    Raises:
+        InsufficientMemory: it cannot fit, even spilling to disk (before any work starts).
+    """
+    estimate = estimate_memory(gm, batches, layers, dense_copy, convert)
+    host = activation_budget(estimate, cap, spill_dir)
+    logger.info("memory: cap %s; estimated %s with every activation in memory (%s)", format_bytes(cap),
+                format_bytes(estimate.in_memory), estimate.describe())
+    if estimate.in_memory > cap:
+        logger.info("memory: about %s of activations will spill to disk", format_bytes(estimate.activations - host))
+    return MemoryPlan(host, device_budget(device), {
+        "max_memory": cap, "estimated_in_memory": estimate.in_memory, "estimated_minimum": estimate.minimum,
+        "estimated_activations": estimate.activations})

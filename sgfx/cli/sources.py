@@ -103,7 +103,7 @@ def _is_torchscript(path: Path) -> bool:
 
 def _from_file(path: Path, trust_pickle: bool, example_shape: tuple[int, ...] | None) -> LoadedModel:
     if path.suffix == ".sgfx":
-        from .serialization import load
+        from ..serialization import load
 
         return LoadedModel(load(path), None, str(path))
     if path.suffix == ".pt2":

@@ -9,16 +9,25 @@ gives the one warning ``sparsify`` prints: the fraction of the model's weights t
 
 from __future__ import annotations
 
+import fnmatch
+import logging
+import warnings
 from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.fx
 from torch.fx.node import Node
 
+from ..config import SparsifyConfig
 from ..layers import PrunableLayer
 from ..report import LayerRecord, SparsityReport
+from .leaf_blocks import LeafBlock, find_leaf_blocks
 
-__all__ = ["unpruned_weight_records", "dense_summary", "is_weight"]
+__all__ = ["Inventory", "take_inventory", "unpruned_weight_records", "dense_summary", "is_weight", "match_skip"]
+
+logger = logging.getLogger(__name__)
 
 
 def is_weight(tensor: torch.Tensor) -> bool:
@@ -100,3 +109,72 @@ def dense_summary(gm: torch.nn.Module, report: SparsityReport) -> str | None:
     top = "; ".join(f"{reason} ({_percent(count / total)})" for reason, count in reasons.most_common(3))
     return (f"sgfx: {_percent(dense_elements / total)} of the model's weights stayed dense ({len(dense)} of "
             f"{len(sizes)} weight tensors): {top}. sgfx.report(gm) lists each with its reason")
+
+
+def match_skip(name: str, patterns: Sequence[str]) -> str | None:
+    """The first ``skip`` pattern (exact name or fnmatch glob) matching ``name``."""
+    for pattern in patterns:
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
+@dataclass
+class Inventory:
+    """Every weight of a graph, sorted for the sweep.
+
+    Attributes:
+        records: a record per prunable layer (of the graph or inside a leaf module), by name, in graph order.
+        others: records of the weights no prunable layer owns, each with its reason.
+        to_prune: the graph's prunable nodes to prune (skip and eligibility applied).
+        blocks: leaf modules (or wrapped functions) with layers to prune inside.
+        inner: those inner layers, by name.
+    """
+
+    records: dict[str, LayerRecord]
+    others: list[LayerRecord]
+    to_prune: dict[Node, PrunableLayer]
+    blocks: dict[Node, LeafBlock]
+    inner: dict[str, PrunableLayer]
+
+
+def _dense_reason(layer: PrunableLayer, config: SparsifyConfig, in_block: LeafBlock | None) -> tuple[str, str | None]:
+    """(reason the layer stays dense or "", the skip pattern that matched it or None)."""
+    matched = match_skip(layer.name, config.skip)
+    reason = f"skip={matched!r}" if matched else (layer.ineligibility(config.sparsity) or "")
+    if in_block is not None and not reason and config.allocates:
+        reason = f"inside leaf module {in_block.name}: allocation and budget cover the graph's layers only"
+    if reason and not matched:  # summed up in one warning at the end (dense_summary), each in the report
+        logger.info("%s left dense: %s", layer.name, reason)
+    return reason, matched
+
+
+def take_inventory(gm: torch.fx.GraphModule, config: SparsifyConfig, found: dict[Node, PrunableLayer],
+                   rejected: dict[Node, str], kept_whole: dict[str, str]) -> Inventory:
+    """Records for every weight of ``gm``; its prunable layers (``found``, with the calls ``rejected``) and the
+    leaf modules with prunable layers inside, to prune (``skip`` and each layer's eligibility applied)."""
+    pattern_name = str(config.sparsity)
+    blocks = find_leaf_blocks(gm, found, set(kept_whole))
+    records: dict[str, LayerRecord] = {}
+    to_prune, used_skips = {}, set()
+    candidates = [(node, layer, None) for node, layer in found.items()]
+    candidates += [(node, layer, block) for node, block in blocks.items() for layer in block.layers.values()]
+    position = {node: index for index, node in enumerate(gm.graph.nodes)}
+    candidates.sort(key=lambda item: position[item[0]])  # graph order (stable inside a leaf module)
+    for node, layer, block in candidates:
+        record = LayerRecord(layer.name, layer.op, tuple(layer.weight.shape), pattern_name, config.method, "skipped",
+                             weight_name=layer.weight_name, sparsity=float((layer.weight == 0).float().mean()),
+                             uses=len(layer.uses))
+        records[layer.name] = record
+        record.reason, matched = _dense_reason(layer, config, block)
+        used_skips.add(matched)
+        if record.reason and block is not None:
+            del block.layers[layer.name]
+        elif not record.reason and block is None:
+            to_prune[node] = layer
+    for pattern in sorted(set(config.skip) - used_skips):
+        warnings.warn(f"sgfx: skip pattern {pattern!r} matched no prunable layer", UserWarning, stacklevel=7)
+    inner = {layer.name: layer for block in blocks.values() for layer in block.layers.values()}
+    others = unpruned_weight_records(gm, found, rejected, kept_whole, pattern_name, config.method,
+                                     exclude={r.weight_name for r in records.values()})
+    return Inventory(records, others, to_prune, {n: b for n, b in blocks.items() if b.layers}, inner)

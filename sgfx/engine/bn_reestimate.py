@@ -2,7 +2,7 @@
 
 Why: pruning a conv shifts the mean and variance of its outputs, and a BatchNorm after it keeps normalising with
 the dense model's running statistics. Much of one-shot pruning's accuracy loss on BN networks is this drift, not the
-weights themselves (magnitude 2:4 on ResNet-18 loses ~40 pp, most of which re-estimation recovers).
+weights themselves (docs/RESULTS.md measures how much on the seed models).
 
 How: when the sweep reaches a BatchNorm whose input depends on a pruned layer, its running mean and (unbiased)
 variance are replaced by the exact statistics of that input over *all* calibration batches (per-batch passes
@@ -19,7 +19,7 @@ import torch.fx
 from torch import nn
 from torch.fx.node import Node
 
-from .. import distributed
+from ..runtime import distributed
 
 __all__ = ["batchnorms_after_pruned", "reestimate_batchnorm"]
 
@@ -44,8 +44,8 @@ def batchnorms_after_pruned(gm: torch.fx.GraphModule, pruned: set[Node]) -> dict
 def reestimate_batchnorm(bn: nn.Module, inputs: list[torch.Tensor]) -> None:
     """Set ``bn``'s running mean / unbiased variance to the statistics of ``inputs`` (per channel, dim 1).
 
-    Each batch's mean and biased variance come from the training-mode batch-norm kernel (about 3x faster than
-    ``var_mean`` over dims (0, 2, 3) on CPU; it returns ``1/sqrt(var)`` with eps 0, a float32 rounding away from
+    Each batch's mean and biased variance come from the training-mode batch-norm kernel (faster than ``var_mean``
+    over dims (0, 2, 3) on CPU, docs/RESULTS.md; it returns ``1/sqrt(var)`` with eps 0, a float32 rounding away from
     ``var``); batches are combined exactly in float64 (Chan et al.'s pairwise formula), so the result equals the
     statistics of all inputs pooled. Across processes the ranks' statistics are pooled the same way.
     """

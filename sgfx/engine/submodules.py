@@ -29,11 +29,13 @@ from torch import nn
 from torch.fx import PH
 from torch.utils._pytree import tree_map
 
-from .calibration import CallInputs, check_call_inputs, tensors_of
-from .config import SparsifyConfig
-from .passes.inventory import dense_summary, is_weight
-from .passes.trace import TraceError, trace
-from .report import LayerRecord, SparsityReport
+from ..runtime.calibration import CallInputs, calibration_items, check_call_inputs, tensors_of
+from ..config import SparsifyConfig
+from .inventory import dense_summary, is_weight
+from ..layers.paths import set_path
+from ..passes.trace import TraceError, trace
+from .pipeline import prune_graph
+from ..report import LayerRecord, SparsityReport, attach_report, find_report
 
 __all__ = ["sparsify_submodules", "choose_submodules"]
 
@@ -41,14 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def _items(calib: Any) -> list[Any]:
-    if isinstance(calib, torch.Tensor):
-        return [calib]
-    if calib is None or isinstance(calib, (str, bytes, dict)):
-        raise TypeError(f"calib must be a tensor or an iterable of model inputs, got {type(calib).__name__}")
-    try:
-        items = list(calib)
-    except TypeError:
-        raise TypeError(f"calib must be a tensor or an iterable of model inputs, got {type(calib).__name__}") from None
+    items = list(calibration_items(calib, "model inputs"))
     if not items:
         raise ValueError("calibration data is empty: pass at least one input for the model")
     return items
@@ -190,11 +185,8 @@ def choose_submodules(model: nn.Module, item: Any, config: SparsifyConfig) -> tu
 
 
 def _check_names(model: nn.Module, submodules: Iterable[str]) -> list[str]:
-    if isinstance(submodules, str) or not all(isinstance(n, str) for n in submodules):
-        raise TypeError("submodules must be a list of submodule names (e.g. ['backbone', 'rpn.head']) or 'auto'")
+    """The names (validated as strings by :class:`SparsifyConfig`), checked against ``model``."""
     names = list(submodules)
-    if not names:
-        raise ValueError("submodules is empty: name at least one submodule, or pass 'auto'")
     for name in names:
         try:
             model.get_submodule(name)
@@ -213,71 +205,69 @@ def _check_names(model: nn.Module, submodules: Iterable[str]) -> list[str]:
     return names
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
 def _prefixed(record: LayerRecord, prefix: str) -> LayerRecord:
     record = copy.copy(record)
     record.name, record.weight_name = f"{prefix}.{record.name}", f"{prefix}.{record.weight_name}"
     return record
 
 
-def sparsify_submodules(model: nn.Module, calib: Any, config: SparsifyConfig, submodules: Iterable[str] | str,
-                        callback=None, progress: bool = False) -> nn.Module:
-    """See :func:`sgfx.sparsify` (``submodules=``)."""
-    from .api import prune_graph
-
-    started = time.perf_counter()
-    if config.augment is not None:
-        raise ValueError("augment is not supported with submodules= (calibration items are passed as given)")
-    items = _items(calib)
-    owned = copy.deepcopy(model)
-    was_training = owned.training
-    owned.eval()
+def _chosen_names(owned: nn.Module, item: Any, config: SparsifyConfig) -> tuple[list[str], dict[str, str]]:
+    """The submodules to prune, in execution order, and (``"auto"``) those refused with why."""
     refused: dict[str, str] = {}
-    if submodules == "auto":
-        names, refused = choose_submodules(owned, items[0], config)
+    if config.submodules == "auto":
+        names, refused = choose_submodules(owned, item, config)
         if not names:
             raise TraceError(f"submodules='auto' found no traceable submodule with weights in "
-                             f"{type(model).__name__}: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+                             f"{type(owned).__name__}: " + "; ".join(f"{k}: {v}" for k, v in refused.items()))
         logger.info("submodules='auto' could not use: %s", refused)
         logger.info("submodules='auto' chose %s", names)
     else:
-        names = _check_names(owned, submodules)
-    order, _ = _first_calls(owned, items[0])
+        names = _check_names(owned, config.submodules)
+    order, _ = _first_calls(owned, item)
     never = [n for n in names if n not in order]
     if never:
-        raise ValueError(f"submodule(s) {never} never called while {type(model).__name__} ran on the first "
+        raise ValueError(f"submodule(s) {never} never called while {type(owned).__name__} ran on the first "
                          "calibration item: nothing to calibrate them on")
-    names.sort(key=order.index)
-    result = SparsityReport(str(config.sparsity), config.method)
-    for name in names:
-        sub = owned.get_submodule(name)
-        calls = [positional(sub, c) for c in _record_calls(owned, [name], items)[name]]
-        check_call_inputs(calls)
-        per_forward = len(calls) / len(items)
-        try:
-            gm = trace(sub, config.leaf_modules, structured_args(sub, calls[0]))
-        except (TraceError, TypeError) as exc:
-            raise TraceError(f"submodule {name!r}: {exc}") from exc
-        gm.train(False)
-        prune_graph(gm, calls, config, callback, progress, warn_dense=False)
-        gm.train(was_training)
-        _replace(owned, name, gm)
-        part = gm.meta["sgfx_report"]
-        result.layers += [_prefixed(r, name) for r in part.layers]
-        result.bn_reestimated += [f"{name}.{n}" for n in part.bn_reestimated]
-        result.stats_corrected += [f"{name}.{n}" for n in part.stats_corrected]
-        result.opened_attention += [f"{name}.{n}" for n in part.opened_attention]
-        result.folded += [f"{name}.{n}" for n in part.folded]
-        result.permuted += [{**g, "producer": f"{name}.{g['producer']}"} for g in part.permuted]
-        result.submodules.append({"name": name, "calls": len(calls), "calls_per_forward": per_forward,
-                                  "note": (f"called {per_forward:g} times per forward: the inputs of all calls are "
-                                           "concatenated into its calibration set") if per_forward != 1 else ""})
-        logger.info("submodule %s: %d calls recorded, %d weights pruned", name, len(calls), len(part.pruned_layers))
+    return sorted(names, key=order.index), refused
+
+
+def _merge(result: SparsityReport, part: SparsityReport, name: str, calls: int, per_forward: float) -> None:
+    """Add a submodule's report to the whole model's, its names prefixed with the submodule's."""
+    result.layers += [_prefixed(r, name) for r in part.layers]
+    for listed in ("bn_reestimated", "stats_corrected", "opened_attention", "folded"):
+        getattr(result, listed).extend(f"{name}.{n}" for n in getattr(part, listed))
+    result.kept_whole.update({f"{name}.{k}": v for k, v in part.kept_whole.items()})
+    result.permuted += [{**g, "producer": f"{name}.{g['producer']}"} for g in part.permuted]
+    result.submodules.append({"name": name, "calls": calls, "calls_per_forward": per_forward,
+                              "note": (f"called {per_forward:g} times per forward: the inputs of all calls are "
+                                       "concatenated into its calibration set") if per_forward != 1 else ""})
+
+
+def _prune_submodule(owned: nn.Module, name: str, items: list[Any], config: SparsifyConfig, callback, progress,
+                     training: bool) -> tuple[SparsityReport, int, float]:
+    """Trace submodule ``name`` of ``owned``, prune it on the calls recorded while ``owned`` runs on ``items`` and
+    swap it in; returns its report, its call count and calls per forward."""
+    sub = owned.get_submodule(name)
+    calls = [positional(sub, c) for c in _record_calls(owned, [name], items)[name]]
+    check_call_inputs(calls)
+    try:
+        gm = trace(sub, config.leaf_modules, structured_args(sub, calls[0]))
+    except (TraceError, TypeError) as exc:
+        raise TraceError(f"submodule {name!r}: {exc}") from exc
+    gm.train(False)
+    prune_graph(gm, calls, config, callback, progress, warn_dense=False)
+    gm.train(training)
+    set_path(owned, name, gm)
+    part = find_report(gm)
+    logger.info("submodule %s: %d calls recorded, %d weights pruned", name, len(calls), len(part.pruned_layers))
+    return part, len(calls), len(calls) / len(items)
+
+
+def _outside_records(owned: nn.Module, result: SparsityReport, refused: dict[str, str],
+                     config: SparsifyConfig) -> list[LayerRecord]:
+    """A skipped record for every weight outside the pruned submodules, with why."""
     covered = {r.weight_name for r in result.layers}
+    records = []
     for weight_name, param in owned.named_parameters():
         if is_weight(param) and weight_name not in covered:
             reason = "outside the submodules sgfx traced"
@@ -285,13 +275,32 @@ def sparsify_submodules(model: nn.Module, calib: Any, config: SparsifyConfig, su
             if owners:  # the innermost module auto could not trace
                 bad = max(owners, key=len)
                 reason = f"in {bad}, not traceable on its own: {refused[bad]}"
-            result.layers.append(LayerRecord(weight_name, "parameter", tuple(param.shape), str(config.sparsity),
-                                             config.method, "skipped", reason, weight_name=weight_name,
-                                             sparsity=float((param == 0).float().mean())))
+            records.append(LayerRecord(weight_name, "parameter", tuple(param.shape), str(config.sparsity),
+                                       config.method, "skipped", reason, weight_name=weight_name,
+                                       sparsity=float((param == 0).float().mean())))
+    return records
+
+
+def sparsify_submodules(model: nn.Module, calib: Any, config: SparsifyConfig, callback=None,
+                        progress: bool | None = False) -> nn.Module:
+    """See :func:`sgfx.sparsify` (``submodules=``, in ``config``)."""
+    started = time.perf_counter()
+    if config.augment is not None:
+        raise ValueError("augment is not supported with submodules= (calibration items are passed as given)")
+    items = _items(calib)
+    owned = copy.deepcopy(model)
+    was_training = owned.training
+    owned.eval()
+    names, refused = _chosen_names(owned, items[0], config)
+    result = SparsityReport(str(config.sparsity), config.method)
+    for name in names:
+        part, calls, per_forward = _prune_submodule(owned, name, items, config, callback, progress, was_training)
+        _merge(result, part, name, calls, per_forward)
+    result.layers += _outside_records(owned, result, refused, config)
     result.refused_submodules = refused
     owned.train(was_training)
     result.total_s = time.perf_counter() - started
-    owned.sgfx_report = result
+    attach_report(owned, result)
     summary = dense_summary(owned, result)
     if summary:
         warnings.warn(summary, UserWarning, stacklevel=3)

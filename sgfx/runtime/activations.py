@@ -201,17 +201,18 @@ class ActivationStore:
             there, every entry goes to host memory).
         spill_dir: where spilled tensors go (a new temporary directory inside it; default: the system temp dir).
         disk_bytes: the most the store may write to disk at once (default: the free space minus 1 GiB).
+        cap: the run's whole host-memory cap, taken once when the run starts; the budgets are cut from it.
     """
 
     def __init__(self, host_bytes: int, compute_device: torch.device | str | None = None, device_bytes: int = 0,
-                 spill_dir: str | None = None, disk_bytes: int | None = None):
+                 spill_dir: str | None = None, disk_bytes: int | None = None, cap: int | None = None):
         self.compute_device = torch.device(compute_device or "cpu")
         on_accelerator = self.compute_device.type != "cpu"
         self.budgets = {"device": int(device_bytes) if on_accelerator else 0, "host": int(host_bytes)}
         self.used = {"device": 0, "host": 0}
         self.peak = {"device": 0, "host": 0}
         self.disk_used = self.peak_disk = self.spilled_bytes = 0
-        self.cap: int | None = None  # the run's whole memory cap (max_memory), which the budgets are cut from
+        self.cap = cap  # the run's whole memory cap (max_memory), which the budgets are cut from
         self._spill_root, self._dir, self._files = spill_dir, None, 0
         self._disk_limit = disk_bytes
         # every value holding entries in a memory tier, by id; weak: a value freed by the sweep leaves by itself
@@ -223,6 +224,12 @@ class ActivationStore:
     def new(self, label: str = "", borrowed: bool = False) -> BatchValues:
         """An empty value list in this store."""
         return BatchValues(self, label, borrowed)
+
+    def set_budgets(self, host: int, device: int) -> None:
+        """New budgets per tier (bytes), enforced at once: what is over spills now."""
+        self.budgets["host"] = int(host)
+        self.budgets["device"] = int(device) if self.compute_device.type != "cpu" else 0
+        self.rebalance()
 
     def stats(self) -> StoreStats:
         return StoreStats(dict(self.budgets), dict(self.peak), self.spilled_bytes, self.peak_disk, self._dir)

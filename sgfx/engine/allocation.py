@@ -9,7 +9,7 @@ keeping the most signal through the network: a layer whose relative reconstructi
 where a layer's error nears 1, which the raw sum would treat as bounded). The two objectives were not compared by
 measurement.
 
-- **Sensitivity**: one dense pass of the calibration data (:class:`~sgfx.passes.sequential_prune.SequentialPruner`
+- **Sensitivity**: one dense pass of the calibration data (:class:`~sgfx.engine.sweep.SequentialPruner`
   with a callback that measures and changes nothing). Each layer's Hessian is factored once and the pruning method
   is run at every candidate level on at most ``_ROWS`` evenly spaced output rows (rows are solved independently, so
   the error of those rows is exact): a fraction of one uniform run's solve time.
@@ -36,11 +36,11 @@ import torch.fx
 from torch.fx.node import Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..calibration import placeholder_values
+from ..runtime.calibration import placeholder_values
 from ..config import NMPattern, Pattern, SparsifyConfig, Unstructured
-from ..layers import PrunableLayer
+from ..layers import HessianAccumulator, PrunableLayer
 from ..obs import error_terms, magnitude_prune, sparsegpt_error_curve, wanda_prune
-from .sequential_prune import SequentialPruner
+from .sweep import SequentialPruner
 
 __all__ = ["LayerCost", "Sensitivity", "layer_costs", "measure_sensitivity", "allocate", "keep_dense",
            "global_magnitude_levels", "candidate_levels"]
@@ -117,7 +117,7 @@ class _Measurer:
 
     def __call__(self, layer: PrunableLayer, inputs: list[torch.Tensor], dense_inputs=None) -> None:
         device = self.device or layer.weight.device
-        accumulator = layer.hessian_accumulator(device)
+        accumulator = HessianAccumulator(layer, device)
         for x in inputs:
             accumulator.add(x)
         hessians = accumulator.finalize()

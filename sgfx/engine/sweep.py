@@ -6,121 +6,35 @@ prefix for each layer costs O(L²) forward passes; instead this ``torch.fx.Inter
 node over *all* calibration batches at once (each environment value holds one entry per batch). When it
 reaches a prunable node it first builds the Hessian from the inputs waiting there, prunes the weight in place,
 and only then computes that node's outputs, with the pruned weight, for the nodes after it. Each batch of a value
-is freed as soon as its last user has run on that batch. The values live in an :class:`sgfx.activations.
+is freed as soon as its last user has run on that batch. The values live in an :class:`sgfx.runtime.activations.
 ActivationStore`, which keeps them within a memory budget by spilling those needed furthest ahead to disk.
 """
 
 from __future__ import annotations
 
 import bisect
-import fnmatch
-import heapq
+import copy
+import functools
 import math
-import operator
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 from torch.fx.node import Node, map_arg
 
-from ..activations import ActivationStore, BatchValues, Concatenated, MappedValues
-from ..calibration import CalibrationError, node_failure, placeholder_values
-from ..layers import PrunableLayer, fetch_tensor, find_layer
+from ..config import Pattern, SparsifyConfig
+from ..layers import PrunableLayer, fetch_tensor
+from ..passes.schedule import is_inplace
+from ..report import LayerRecord, SparsityReport
+from ..runtime.activations import ActivationStore, BatchValues, Concatenated, MappedValues
+from ..runtime.calibration import CalibrationError, node_failure, placeholder_values
+from .bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
+from .layer_step import LayerPruner
 from .leaf_blocks import LeafBlock, calls_of, execution_order, record_function_inputs, record_inputs
+from .stats_correction import correction_hook, layer_bias, layers_to_correct
 
-__all__ = ["CalibrationError", "find_prunable_layers", "schedule_shared_uses", "match_skip", "SequentialPruner"]
-
-
-def find_prunable_layers(gm: torch.fx.GraphModule,
-                         rejected: dict[Node, str] | None = None) -> dict[Node, PrunableLayer]:
-    """Prunable nodes (every registered layer kind, :mod:`sgfx.layers`) in topological order. A weight used by
-    several nodes (a head shared across feature levels) is pruned at its first use, from the inputs of every use
-    available by then; ``layer.uses`` lists the nodes. ``rejected`` (if given) receives the calls of a known kind
-    that cannot be pruned, with the reason."""
-    layers: dict[Node, PrunableLayer] = {}
-    first_use: dict[int, PrunableLayer] = {}
-    for node in gm.graph.nodes:
-        on_reject = None if rejected is None else (lambda reason, node=node: rejected.__setitem__(node, reason))
-        layer = find_layer(gm, node, on_reject)
-        if layer is None:
-            continue
-        if id(layer.weight) in first_use:
-            first_use[id(layer.weight)].uses.append(node)
-            continue
-        layer.uses = [node]
-        first_use[id(layer.weight)] = layer
-        layers[node] = layer
-    return layers
-
-
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _is_inplace(gm: torch.fx.GraphModule, node: Node) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
-    return False
-
-
-def _unsafe_to_reorder(gm: torch.fx.GraphModule) -> bool:
-    """An in-place op on a value that other nodes also read: moving nodes could let them see it mutated."""
-    return any(_is_inplace(gm, n) and n.args and isinstance(n.args[0], Node) and len(n.args[0].users) > 1
-               for n in gm.graph.nodes)
-
-
-def schedule_shared_uses(gm: torch.fx.GraphModule, layers: dict[Node, PrunableLayer]) -> bool:
-    """Reorder ``gm``'s nodes (a stable topological order) so that every node calling a weight shared by several
-    calls runs only once the inputs of *all* those calls exist: its first use, where the sweep prunes it, then sees
-    every call's inputs (a head applied to each feature level). Returns whether the order changed; the function
-    does not. Left as it is when that is impossible (a use's input depends on another use: recurrence) or unsafe
-    (an in-place op mutates a value other nodes read): the layer is then calibrated on the uses whose inputs
-    exist at its first call."""
-    extra: dict[Node, set[Node]] = {}
-    for layer in layers.values():
-        inputs = {u.args[0] for u in layer.uses if isinstance(u.args[0], Node)}
-        for use in layer.uses if len(layer.uses) > 1 else []:
-            extra.setdefault(use, set()).update(inputs)
-    if not extra or _unsafe_to_reorder(gm):
-        return False
-    nodes = list(gm.graph.nodes)
-    position = {node: index for index, node in enumerate(nodes)}
-    needs = {n: set(n.all_input_nodes) | extra.get(n, set()) for n in nodes}
-    needs[nodes[-1]] = set(nodes[:-1])  # the output node stays last
-    users: dict[Node, list[Node]] = {n: [] for n in nodes}
-    for node, required in needs.items():
-        for r in required:
-            users[r].append(node)
-    waiting = {n: len(required) for n, required in needs.items()}
-    ready = [position[n] for n in nodes if waiting[n] == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        node = nodes[heapq.heappop(ready)]
-        order.append(node)
-        for user in users[node]:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, position[user])
-    if len(order) != len(nodes) or order == nodes:  # a cycle (recurrent use) or nothing to move
-        return False
-    nodes[0].prepend(order[0])
-    for previous, node in zip(order, order[1:]):
-        previous.append(node)
-    gm.graph.lint()
-    gm.recompile()
-    return True
-
-
-def match_skip(name: str, patterns: Sequence[str]) -> str | None:
-    """The first ``skip`` pattern (exact name or fnmatch glob) matching ``name``."""
-    for pattern in patterns:
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
-            return pattern
-    return None
+__all__ = ["SequentialPruner", "prune_sequentially", "correction_hooks"]
 
 
 class SequentialPruner(torch.fx.Interpreter):
@@ -128,7 +42,7 @@ class SequentialPruner(torch.fx.Interpreter):
 
     Args:
         gm: the graph to run (its prunable weights are modified in place).
-        layers: prunable nodes to prune, as returned by :func:`find_prunable_layers` (possibly filtered).
+        layers: prunable nodes to prune, as returned by :func:`sgfx.layers.find_prunable_layers` (possibly filtered).
         prune: ``prune(layer, inputs, dense_inputs)`` prunes ``layer.weight`` given its input for every batch (and,
             with ``dense``, the input the unpruned model gives it; else ``None``).
         before_node: optional ``{node: hook}``; ``hook(inputs)`` runs with the node's first input for every batch
@@ -171,7 +85,7 @@ class SequentialPruner(torch.fx.Interpreter):
         self._user_positions = {node: sorted(self._position[u] for u in node.users) for node in nodes}
         # a value mutated in place while other nodes also read it must stay one tensor: a spilled copy would not
         # see the mutation
-        self._pinned = {n.args[0] for n in nodes if _is_inplace(gm, n) and n.args and isinstance(n.args[0], Node)
+        self._pinned = {n.args[0] for n in nodes if is_inplace(gm, n) and n.args and isinstance(n.args[0], Node)
                         and len(n.args[0].users) > 1}
         self._now = 0  # position of the node being run
         self._batches: Sequence[Any] = []
@@ -180,7 +94,7 @@ class SequentialPruner(torch.fx.Interpreter):
         self._placeholders_seen = 0
 
     def run_batches(self, batches: Sequence[Any], convert: Callable[[Any], Any] | None = None) -> list[Any]:
-        """Run every batch (a tensor, or a :class:`sgfx.calibration.CallInputs`) through the graph; returns the
+        """Run every batch (a tensor, or a :class:`sgfx.runtime.calibration.CallInputs`) through the graph; returns the
         graph output of each batch. ``convert`` (device and dtype moves) is applied to each batch as it is read."""
         self._batches = batches
         self._convert = convert or (lambda batch: batch)
@@ -228,7 +142,7 @@ class SequentialPruner(torch.fx.Interpreter):
 
     def _prune_block(self, n: Node, block: LeafBlock) -> None:
         """Prune the layers inside leaf module ``n`` in their execution order, each from its inputs while the
-        module runs on this node's inputs for every batch (:mod:`sgfx.passes.leaf_blocks`)."""
+        module runs on this node's inputs for every batch (:mod:`sgfx.engine.leaf_blocks`)."""
         batches = len(self._batches)
         calls = calls_of(n, self.env, batches)
         if block.function is not None:
@@ -353,3 +267,42 @@ class SequentialPruner(torch.fx.Interpreter):
             return values
         except Exception as exc:
             raise RuntimeError(f"sgfx: correcting the outputs of node `{n.format_node()}` failed: {exc}") from exc
+
+
+def correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str,
+                      result: SparsityReport) -> dict:
+    """Statistics-correction hooks for the pruned layers that may need one (each records itself when applied)."""
+    if mode == "off":
+        return {}
+    hooks = {}
+    for node in sorted(layers_to_correct(gm, set(to_prune), bn_nodes), key=list(to_prune).index):
+        layer = to_prune[node]
+        if len(layer.uses) > 1:  # one bias serves calls with different statistics (feature levels): leave it
+            continue
+        if node.op != "call_module" and layer_bias(gm, node, create=False) is None:
+            warnings.warn(f"sgfx: {layer.name}: no bias to correct its statistics through (a functional call "
+                          "without a get_attr bias); left uncorrected", UserWarning, stacklevel=3)
+            continue
+        hooks[node] = correction_hook(layer.scale_output_channels_, functools.partial(layer_bias, gm, node),
+                                      layer.channel_dim, mode, layer.columns,
+                                      functools.partial(result.stats_corrected.append, layer.name))
+    return hooks
+
+
+def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: dict[Node, PrunableLayer],
+                       config: SparsifyConfig, records: dict[str, LayerRecord], result: SparsityReport,
+                       on_layer: Callable[[LayerRecord], None] | None, patterns: dict[str, Pattern],
+                       blocks: dict | None = None, store: ActivationStore | None = None,
+                       convert: Callable[[Any], Any] | None = None) -> None:
+    """Prune ``to_prune`` (and the layers inside the leaf modules ``blocks``) in one sweep over ``batches``, with
+    the remedies ``config`` asks for, in place; activations live in ``store``, batches pass through ``convert``."""
+    hooks, batchnorms = {}, {}
+    if config.bn_reestimate is not False:
+        batchnorms = batchnorms_after_pruned(gm, set(to_prune))
+        hooks = {node: functools.partial(reestimate_batchnorm, bn) for node, bn in batchnorms.items()}
+        result.bn_reestimated = [str(node.target) for node in batchnorms]
+    corrections = correction_hooks(gm, to_prune, set(batchnorms), config.stats_correction, result)
+    dense = copy.deepcopy(gm) if config.dense_targets or corrections else None  # the unpruned model, in lockstep
+    with torch.no_grad():
+        SequentialPruner(gm, to_prune, LayerPruner(config, records, on_layer, patterns), hooks, dense,
+                         corrections, blocks, store).run_batches(batches, convert)

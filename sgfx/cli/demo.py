@@ -2,8 +2,8 @@
 
 Runs in seconds on a CPU and needs no download (scikit-learn ships the 1,797 8x8 digit images). Half of them are
 held out (898 test images), and every accuracy difference is a paired difference on the same images with its 95 %
-interval, so what the table shows is the methods' difference, not the noise of a few images: measured over seeds
-0-3, SparseGPT beat magnitude pruning at 2:4 by 1.5 to 6.6 points (each beyond its interval) and at 1:4 by 46 to 82.
+interval, so what the table shows is the methods' difference, not the noise of a few images (docs/RESULTS.md has
+the demo's results over several seeds).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Calibration data as the passes see it: a list of batches, each one tensor or the full inputs of one call.
 
 ``sgfx.sparsify(model, calib)`` takes tensors (or ``(input, ...)`` tuples, as a labelled ``DataLoader`` yields):
-each batch feeds the graph's first input. Submodules traced on their own (``submodules=``) take whatever their
+each batch feeds the graph's first input. A model with several inputs takes :class:`Inputs` items
+(``sgfx.Inputs(image, mask, meta=m)``) or dicts of keyword inputs, also as the first element of a tuple. Submodules traced on their own (``submodules=``) take whatever their
 parent passes them (several tensors, lists, dicts of FPN features, torchvision ``ImageList`` objects), recorded as
 a :class:`CallInputs` per call and mapped onto the graph's placeholders by position, then by name.
 """
@@ -9,14 +10,14 @@ a :class:`CallInputs` per call and mapped onto the graph's placeholders by posit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["CallInputs", "CalibrationError", "calibration_batches", "placeholder_values", "map_tensors", "tensors_of",
-           "describe", "node_failure"]
+__all__ = ["CallInputs", "Inputs", "CalibrationError", "calibration_batches", "calibration_items",
+           "placeholder_values", "map_tensors", "tensors_of", "describe", "node_failure"]
 
 
 class CalibrationError(ValueError):
@@ -29,6 +30,25 @@ class CallInputs:
 
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Inputs(CallInputs):
+    """One calibration batch of a model with several inputs: ``Inputs(image, mask, meta=m)`` feeds the graph's
+    inputs by position, then by name (the others take their defaults), as ``model(image, mask, meta=m)`` would.
+
+    Example:
+        >>> calib = [sgfx.Inputs(left, right) for left, right in stereo_pairs]  # doctest: +SKIP
+        >>> gm = sgfx.sparsify(stereo_net, calib, "2:4")  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(tuple(args), dict(kwargs))
+
+    def __repr__(self) -> str:
+        parts = [describe(a) if isinstance(a, torch.Tensor) else type(a).__name__ for a in self.args]
+        parts += [f"{k}={describe(v) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                  for k, v in self.kwargs.items()]
+        return f"Inputs({', '.join(parts)})"
 
 
 def tensors_of(batch: Any) -> list[torch.Tensor]:
@@ -93,8 +113,9 @@ def placeholder_values(graph: torch.fx.Graph, batch: Any) -> list[Any]:
         elif node.args:  # a default value
             values.append(node.args[0])
         else:
-            hint = ("sgfx calibrates models taking one tensor input: fix the others with concrete_args"
-                    if not isinstance(batch, CallInputs) else "the recorded call did not pass it")
+            hint = ("a plain batch feeds the first input only: pass each batch as sgfx.Inputs(x, y, ...) or a dict "
+                    "of keyword inputs, or fix the others with concrete_args"
+                    if not isinstance(batch, CallInputs) else "the batch (or the recorded call) did not pass it")
             raise ValueError(f"the graph input `{node.format_node()}` gets no value: {hint}")
     return values
 
@@ -106,36 +127,61 @@ def _check_tensor(x: torch.Tensor, index: int) -> None:
         raise ValueError(f"calibration batch {index} contains NaN or Inf values")
 
 
-def calibration_batches(calib: Any, into: list | None = None) -> list[torch.Tensor]:
-    """Materialise calibration data as a list of input tensors, validating each batch.
+def _calibration_batch(item: Any, index: int) -> torch.Tensor | Inputs:
+    """One item of ``calib`` as the graph takes it, validated: a tensor, or :class:`Inputs` (from an ``Inputs`` or
+    a dict of keyword inputs), alone or first in a tuple/list (what a labelled loader yields)."""
+    x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
+    if isinstance(x, dict):
+        if not all(isinstance(k, str) for k in x):
+            raise TypeError(f"calibration batch {index}: a dict of keyword inputs needs string keys")
+        x = Inputs(**x)
+    if isinstance(x, CallInputs):
+        tensors = tensors_of(x)
+        if not tensors:
+            raise TypeError(f"calibration batch {index}: {x!r} holds no tensor")
+        for tensor in tensors:
+            _check_tensor(tensor, index)
+        return Inputs(*map_tensors(x.args, torch.Tensor.detach), **map_tensors(x.kwargs, torch.Tensor.detach))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"calibration batch {index}: expected a tensor, sgfx.Inputs, a dict of keyword inputs or "
+                        f"an (input, ...) tuple/list, got {type(item).__name__}")
+    _check_tensor(x, index)
+    return x.detach()
 
-    Accepts one tensor (a single batch) or an iterable of batches, each a tensor or a tuple/list whose first
-    element is the input (as a ``DataLoader`` over a labelled dataset yields). ``into`` (e.g. a
-    :class:`sgfx.activations.BatchValues`, which may spill to disk as it grows) receives the batches instead of a
+
+def calibration_items(calib: Any, what: str) -> Iterator[Any]:
+    """The items of ``calib``: one tensor (a single item) or an iterable of them (read lazily).
+
+    Raises:
+        TypeError: ``calib`` is neither (a string, a dict or ``None`` included); the message says ``what`` the
+            items are.
+    """
+    if isinstance(calib, torch.Tensor):
+        return iter([calib])
+    if calib is None or isinstance(calib, (str, bytes, dict)):
+        raise TypeError(f"calib must be a tensor or an iterable of {what}, got {type(calib).__name__}")
+    try:
+        return iter(calib)
+    except TypeError:
+        raise TypeError(f"calib must be a tensor or an iterable of {what}, got {type(calib).__name__}") from None
+
+
+def calibration_batches(calib: Any, into: list | None = None) -> list[torch.Tensor | Inputs]:
+    """Materialise calibration data as a list of batches, validating each.
+
+    Accepts one tensor (a single batch) or an iterable of batches, each a tensor, an :class:`Inputs` or a dict of
+    keyword inputs (models with several inputs), alone or as the first element of a tuple/list (as a ``DataLoader``
+    over a labelled dataset yields). ``into`` (e.g. a :class:`sgfx.runtime.activations.BatchValues`, which may
+    spill tensors to disk as it grows; :class:`Inputs` batches stay in memory) receives the batches instead of a
     new list, and is returned.
 
     Raises:
-        TypeError: not a tensor / iterable of tensors or tuples.
+        TypeError: not a tensor / iterable of batches, or a batch of another kind.
         ValueError: no batches, an empty batch, or NaN/Inf values.
     """
-    if isinstance(calib, torch.Tensor):
-        items: Iterable[Any] = [calib]
-    elif calib is None or isinstance(calib, (str, bytes, dict)):
-        raise TypeError(f"calib must be a tensor or an iterable of batches, got {type(calib).__name__}")
-    else:
-        try:
-            items = iter(calib)
-        except TypeError:
-            raise TypeError(f"calib must be a tensor or an iterable of batches, got {type(calib).__name__}") from None
     batches = [] if into is None else into
-    for index, item in enumerate(items):
-        x = item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"calibration batch {index}: expected a tensor or a (input, ...) tuple/list, got {type(item).__name__}"
-            )
-        _check_tensor(x, index)
-        batches.append(x.detach())
+    for index, item in enumerate(calibration_items(calib, "batches")):
+        batches.append(_calibration_batch(item, index))
     if not batches:
         raise ValueError("calibration data is empty: pass a tensor or an iterable yielding at least one batch")
     return batches

@@ -25,7 +25,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 # ------------------------------------------------------------------------------------------ argument types
 def _pattern(text: str):
     """argparse type: "N:M" or a fraction, validated like sgfx.sparsify does."""
-    from .config import parse_pattern
+    from ..config import parse_pattern
 
     try:
         return parse_pattern(float(text))
@@ -124,11 +124,38 @@ def _print_report(report, as_json: bool) -> None:
         print(report)
 
 
+def _option_flags() -> dict[str, dict]:
+    """``sgfx sparsify``'s flags for the options, from :class:`sgfx.SparsifyConfig`'s fields: {name: cli spec}."""
+    import dataclasses
+
+    from ..config import SparsifyConfig
+
+    return {f.name: f.metadata["cli"] for f in dataclasses.fields(SparsifyConfig) if f.metadata["cli"] is not None}
+
+
+_KINDS = {"int": {"type": int}, "float": {"type": float}, "text": {}, "names": {"nargs": "+", "metavar": "NAME"},
+          "pattern": {"type": _pattern, "metavar": "PATTERN"}, "bool": {"action": argparse.BooleanOptionalAction}}
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; its help is the option's documentation."""
+    from ..config import option_help
+
+    for name, spec in _option_flags().items():
+        settings = dict(_KINDS[spec.get("kind", "text")])
+        if "choices" in spec:
+            settings["choices"] = spec["choices"]
+        text = option_help(name).replace("``", "").replace("%", "%%")
+        default = spec.get("default")
+        parser.add_argument(spec.get("flag", "--" + name.replace("_", "-")), dest=name, default=default,
+                            help=text + (f" Default {default}." if default is not None else ""), **settings)
+
+
 # ------------------------------------------------------------------------------------------------- verbs
 def _sparsify(args: argparse.Namespace) -> int:
-    from . import api, serialization
-    from .passes.trace import trace
-    from .report import get_report
+    from .. import api, serialization
+    from ..passes.trace import trace
+    from ..report import get_report
 
     probe = _transform(args)  # the example shape TorchScript conversion needs: before the model's own transform
     loaded = _load(args.model, args.weights, args, (2, probe.channels, probe.size, probe.size))
@@ -136,20 +163,16 @@ def _sparsify(args: argparse.Namespace) -> int:
     images = _image_set(args, args.calib, transform)
     # read while sparsify stores them (spilling to disk beyond --max-memory)
     calib = (x for x, _ in _batches(images, args.batch_size, "sgfx: reading images", not args.quiet))
-    submodules = None
-    if args.submodules:
-        submodules = "auto" if args.submodules == ["auto"] else args.submodules
+    options = {name: getattr(args, name) for name in _option_flags()}
+    if options["submodules"]:
         model = loaded.model  # traced per submodule; each is checked for storage once pruned
     else:
         model = trace(loaded.model)
-        try:
-            serialization.check_saveable(model)  # before the work: pruning does not change the graph
+        try:  # before the work; the passes only add nodes .sgfx files allow (opened attention) or reorder them
+            serialization.check_saveable(model)
         except TypeError as exc:
             raise TypeError(f"{args.model} cannot be stored as .sgfx, so it is not pruned: {exc}") from None
-    gm = api.sparsify(model, calib, args.pattern, method=args.method, skip=args.skip or None,
-                      device=args.device, allocation=args.allocation, budget=args.budget, target=args.target,
-                      fold_weight_transforms=args.fold_weight_transforms or None, submodules=submodules,
-                      max_memory=args.max_memory, spill_dir=args.spill_dir, progress=False if args.quiet else None)
+    gm = api.sparsify(model, calib, options.pop("sparsity"), progress=False if args.quiet else None, **options)
     del calib
     sizes = serialization.save(gm, args.output)
     _print_report(get_report(gm), args.json)
@@ -160,7 +183,7 @@ def _sparsify(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .serialization import read_pruned
+    from ..serialization import read_pruned
 
     report, _ = read_pruned(args.model)  # no model is built: also for files saved with --submodules
     if report is None:
@@ -170,9 +193,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import PatternCheck, check_pattern, count_violations
-    from .layout import nm_axis
-    from .serialization import read_pruned
+    from ..check import PatternCheck, check_pattern, count_violations
+    from ..layout import nm_axis
+    from ..serialization import read_pruned
 
     if args.model.endswith(".sgfx") and not args.weights:  # the stored pruned weights, each along its kind's axis
         report, weights = read_pruned(args.model)
@@ -235,13 +258,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from .lowering.onnx import export_onnx
-    from .serialization import load
+    from ..lowering.onnx import export_onnx
+    from ..serialization import load
 
     gm = load(args.model)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     x = torch.randn(*args.input_shape, generator=torch.Generator().manual_seed(0))
-    report = export_onnx(gm, (x,), args.output, dtype=dtype, dynamic_batch=args.dynamic_batch,
+    report = export_onnx(gm, (x,), args.output, dtype=dtype, dynamic_batch=args.dynamic_batch, exporter=args.exporter,
                          check_outputs=not args.no_check_outputs, require_2_4=not args.any_pattern)
     print(report)
     return EXIT_OK
@@ -259,8 +282,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .config import METHODS
+    from .. import __version__
+    from ..config import METHODS
 
     parser = argparse.ArgumentParser(prog="sgfx", description="One-shot sparsification of trained CNNs.",
                                      epilog="MODEL: torchvision:NAME, timm:NAME, a .pt2 (torch.export), a TorchScript "
@@ -274,21 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the model (see MODEL below)")
     _add_model_args(p)
     _add_image_args(p, "--calib", "how many calibration images to draw (default: all; a few hundred are enough)")
-    p.add_argument("--pattern", type=_pattern, default="2:4", help='"N:M" or a fraction such as 0.5 (default 2:4)')
-    p.add_argument("--method", choices=METHODS, default=None, help="default sparsegpt")
-    p.add_argument("--allocation", choices=["uniform", "global"], default=None,
-                   help="global: per-layer levels for an unstructured fraction (default uniform)")
-    p.add_argument("--budget", type=float, help="N:M on layers covering at least this fraction; the rest dense")
-    p.add_argument("--target", choices=["weights", "flops"], default=None, help="what --allocation/--budget count")
-    p.add_argument("--skip", nargs="+", help="layer names or globs kept dense")
-    p.add_argument("--submodules", nargs="+", metavar="NAME",
-                   help="models that cannot be traced whole (detection): prune these submodules, or 'auto'")
-    p.add_argument("--fold-weight-transforms", action="store_true",
-                   help="fold weight-standardised convs (NFNets) into plain convs so they are pruned (inference only)")
-    p.add_argument("--device", help="where calibration and solves run, e.g. cuda")
-    p.add_argument("--max-memory", help="host memory the run may use, e.g. 8GB; activations beyond it spill to disk "
-                   "(default: what is in use plus 75%% of what is available)")
-    p.add_argument("--spill-dir", help="where activations spill (default: the system's temporary directory)")
+    _add_option_flags(p)
     p.add_argument("-o", "--output", required=True, help="the .sgfx file to write")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_sparsify)
@@ -325,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
     p.add_argument("--no-check-outputs", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--any-pattern", action="store_true", help="export models not pruned to 2:4 too")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="torch.onnx's exporter: auto (default) uses torch.export and falls back to TorchScript for "
+                        "models torch.export refuses")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and prune it (offline, seconds)")

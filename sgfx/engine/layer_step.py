@@ -1,40 +1,28 @@
-"""The per-layer pruning step of the sequential sweep, and the sweep set-up around it.
+"""The per-layer step of the sequential sweep: statistics, targets, solve, write-back, record.
 
-Why a pass of its own: :class:`sgfx.passes.sequential_prune.SequentialPruner` decides *when* a layer is pruned (once
-its pruned inputs exist); this module decides *how*: stream the inputs into the layer's Hessian (or its diagonal
-for Wanda), optionally fit the dense model's outputs (dense targets), run the OBS solve per group, write the weight
-back, and record samples, FLOPs, time, damping and the reconstruction error. :func:`prune_sequentially` wires in
-BatchNorm re-estimation, statistics correction and the dense model run in lockstep.
+:class:`sgfx.engine.sweep.SequentialPruner` decides *when* a layer is pruned (once its pruned inputs exist); this
+module decides *how*: stream the inputs into the layer's Hessian (or its diagonal for Wanda), optionally fit the
+dense model's outputs (dense targets), run the OBS solve per group, write the weight back, and record samples,
+FLOPs, time, damping and the reconstruction error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
 import logging
-import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.fx
-from torch.fx.node import Node
 
-from .. import distributed
-from ..activations import ActivationStore
 from ..config import Pattern, SparsifyConfig
-from ..layers import LayerUnsupported, PrunableLayer
-from ..memory import current_rss
+from ..layers import HessianAccumulator, LayerUnsupported, PrunableLayer
 from ..obs import (FactorizationError, dense_target_weight, error_terms, magnitude_prune, sparsegpt_prune,
                    wanda_prune)
-from ..report import LayerRecord, SparsityReport
-from .bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
-from .sequential_prune import SequentialPruner
-from .stats_correction import correction_hook, layer_bias, layers_to_correct
+from ..report import LayerRecord
+from ..runtime import distributed
 
-__all__ = ["LayerPruner", "dense_target_shifts", "prune_sequentially", "progress_bar", "show_progress"]
+__all__ = ["LayerPruner", "dense_target_shifts"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +70,7 @@ def dense_target_shifts(layer: PrunableLayer, inputs: list[torch.Tensor], dense_
 class LayerPruner:
     """The per-layer step called by the SequentialPruner: statistics, solve, write-back, record.
 
-    Across processes (:mod:`sgfx.distributed`) every rank gathers the statistics of its shard and they are summed;
+    Across processes (:mod:`sgfx.runtime.distributed`) every rank gathers the statistics of its shard and they are summed;
     the solve runs on the layer's owner rank, which broadcasts the pruned weight and the record.
     """
 
@@ -106,7 +94,7 @@ class LayerPruner:
     def _statistics(layer: PrunableLayer, inputs: Sequence[torch.Tensor], device, record: LayerRecord,
                     start: float, diagonal_only: bool = False):
         """Stream the layer's inputs into its Hessians (or their diagonals); records samples, FLOPs and time."""
-        accumulator = layer.hessian_accumulator(device, diagonal_only)
+        accumulator = HessianAccumulator(layer, device, diagonal_only)
         for x in inputs:
             accumulator.add(x)
         statistics = accumulator.finalize()
@@ -212,80 +200,3 @@ class LayerPruner:
         )
         if self.callback is not None:
             self.callback(record)
-
-
-def correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str,
-                      result: SparsityReport) -> dict:
-    """Statistics-correction hooks for the pruned layers that may need one (each records itself when applied)."""
-    if mode == "off":
-        return {}
-    hooks = {}
-    for node in sorted(layers_to_correct(gm, set(to_prune), bn_nodes), key=list(to_prune).index):
-        layer = to_prune[node]
-        if len(layer.uses) > 1:  # one bias serves calls with different statistics (feature levels): leave it
-            continue
-        if node.op != "call_module" and layer_bias(gm, node, create=False) is None:
-            warnings.warn(f"sgfx: {layer.name}: no bias to correct its statistics through (a functional call "
-                          "without a get_attr bias); left uncorrected", UserWarning, stacklevel=3)
-            continue
-        hooks[node] = correction_hook(layer.scale_output_channels_, functools.partial(layer_bias, gm, node),
-                                      layer.channel_dim, mode, layer.columns,
-                                      functools.partial(result.stats_corrected.append, layer.name))
-    return hooks
-
-
-def show_progress(progress: bool | None) -> bool:
-    """Whether to draw the progress bar: ``progress`` when given; by default, when stderr is a terminal, the
-    ``sgfx`` logger is not set above WARNING, and this is rank 0 (or the only process)."""
-    if progress is not None:
-        return bool(progress) and distributed.rank() == 0
-    quiet = logging.getLogger("sgfx").getEffectiveLevel() > logging.WARNING
-    return sys.stderr.isatty() and not quiet and distributed.rank() == 0
-
-
-def memory_figure(store: ActivationStore | None) -> str:
-    """The live memory figure shown on the progress bar: RSS, and what the store holds on disk."""
-    text = f"RSS {current_rss() / 1e9:.1f} GB"
-    if store is not None and store.disk_used:
-        text += f", on disk {store.disk_used / 1e9:.1f} GB"
-    if store is not None and store.used["device"]:
-        text += f", on {store.compute_device.type} {store.used['device'] / 1e9:.1f} GB"
-    return text
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool | None, layers: int, callback, store: ActivationStore | None = None):
-    """Yield the per-layer callback: ``callback``, preceded by a tqdm bar's update (layer name and the memory
-    figure) when :func:`show_progress` says so."""
-    if not show_progress(enabled):
-        yield callback
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=layers, desc="sgfx: pruning", unit="layer", disable=None, dynamic_ncols=True) as bar:
-        def on_layer(record: LayerRecord) -> None:
-            bar.set_postfix_str(f"{record.name} | {memory_figure(store)}", refresh=False)
-            bar.update(1)
-            if callback is not None:
-                callback(record)
-
-        yield on_layer
-
-
-def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: dict[Node, PrunableLayer],
-                       config: SparsifyConfig, records: dict[str, LayerRecord], result: SparsityReport,
-                       on_layer: Callable[[LayerRecord], None] | None, patterns: dict[str, Pattern],
-                       blocks: dict | None = None, store: ActivationStore | None = None,
-                       convert: Callable[[Any], Any] | None = None) -> None:
-    """Prune ``to_prune`` (and the layers inside the leaf modules ``blocks``) in one sweep over ``batches``, with
-    the remedies ``config`` asks for, in place; activations live in ``store``, batches pass through ``convert``."""
-    hooks, batchnorms = {}, {}
-    if config.bn_reestimate is not False:
-        batchnorms = batchnorms_after_pruned(gm, set(to_prune))
-        hooks = {node: functools.partial(reestimate_batchnorm, bn) for node, bn in batchnorms.items()}
-        result.bn_reestimated = [str(node.target) for node in batchnorms]
-    corrections = correction_hooks(gm, to_prune, set(batchnorms), config.stats_correction, result)
-    dense = copy.deepcopy(gm) if config.dense_targets or corrections else None  # the unpruned model, in lockstep
-    with torch.no_grad():
-        SequentialPruner(gm, to_prune, LayerPruner(config, records, on_layer, patterns), hooks, dense,
-                         corrections, blocks, store).run_batches(batches, convert)
