@@ -128,7 +128,7 @@ MODELS: dict[str, ModelSpec] = {
                              dict(epochs=4, batch_size=128, max_lr=0.02, augment=True, precision="bf16")),
     # efficient (issue 21): depthwise + SE + hard-swish, trained here (examples/efficient.py)
     "mobilenet_cifar": ModelSpec(MobileNetCIFAR, "cifar10", "mobilenet_cifar", 1_522_620,
-                                 dict(epochs=15, batch_size=128, max_lr=0.1, augment=True)),
+                                 dict(epochs=8, batch_size=128, max_lr=0.1, augment=True, channels_last=True)),
 }
 
 NORMALIZE = {
@@ -306,14 +306,18 @@ def crop_and_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr: float, augment: bool,
-          seed: int = 0, precision: str = "fp32") -> nn.Module:
+          seed: int = 0, precision: str = "fp32", channels_last: bool = False) -> nn.Module:
     """SGD (Nesterov, momentum 0.9, wd 5e-4) with OneCycleLR, the recipe of the shared checkpoints.
 
     ``precision="bf16"`` runs forward and backward under bfloat16 autocast (weights and optimizer stay float32):
     about 1.6x faster for VGG-16 on a CPU with AMX/AVX-512 BF16, which is what makes training it here practical.
+    ``channels_last`` trains in that memory format (1.6x faster for the depthwise MobileNet here; the weights are
+    returned contiguous).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
     device_type = next(model.parameters()).device.type
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -328,6 +332,7 @@ def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr
         for images, labels in bar:
             if augment:
                 images = crop_and_flip(images, generator)
+            images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = F.cross_entropy(model(images), labels)
@@ -335,7 +340,7 @@ def train(model: nn.Module, data: ImageSet, epochs: int, batch_size: int, max_lr
             optimizer.step()
             scheduler.step()
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()
@@ -380,7 +385,7 @@ def load_or_train(name: str, args: argparse.Namespace) -> tuple[nn.Module, Path 
     data = load_dataset(spec.dataset, True, args.data_dir, args.cache_dir, args.download)
     started = time.perf_counter()
     train(model, data, recipe["epochs"], recipe["batch_size"], recipe["max_lr"], recipe["augment"], args.seed,
-          recipe.get("precision", "fp32"))
+          recipe.get("precision", "fp32"), recipe.get("channels_last", False))
     seconds = time.perf_counter() - started
     LOG.info("trained %s in %.0f s", name, seconds)
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,11 @@
 inverted residuals and small channel counts. Its depthwise convs (one input channel per group) cannot take N:M
 and stay dense with that reason; every pointwise conv, the SE layers and the classifier are prunable.
 
-    python examples/efficient.py --train                 # train (about an hour on 2 cores), cache the checkpoint
-    python examples/efficient.py --patterns 2:4          # prune with each remedy on/off, paired differences
+    python examples/efficient.py --train-only            # train (about 40 min on 2 cores), cache the checkpoint
+    python examples/efficient.py --out runs/efficient    # prune with each remedy on/off, paired differences
+
+``ShapesUNet`` is a small U-Net whose decoder upsamples with transposed convs, trained on synthetic shapes
+(:func:`synthetic_shapes`, no download) and scored by per-image mean IoU.
 
 The checkpoint is cached under ``--cache-dir`` (default ``~/.cache/sgfx``) as ``checkpoints/mobilenet_cifar_e*.pt``
 with a JSON file beside it giving the recipe, the time and the dense accuracy.
@@ -98,3 +101,187 @@ class MobileNetCIFAR(nn.Module):
         x = _hswish(self.head_bn(self.head(x)))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc2(_hswish(self.fc1(x)))
+
+
+# ------------------------------------------------------------------------- segmentation with transposed convs
+SHAPE_CLASSES = ("background", "disc", "square", "triangle")
+
+
+def synthetic_shapes(count: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` RGB images (float, normalised noise background) with 1-3 filled discs, squares and triangles each,
+    and their (count, size, size) int64 masks (later shapes drawn over earlier ones). Deterministic in ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    images = 0.3 * torch.randn(count, 3, size, size, generator=gen)
+    masks = torch.zeros(count, size, size, dtype=torch.int64)
+    for n in range(count):
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            kind = int(torch.randint(1, 4, (1,), generator=gen))
+            cy, cx = (torch.rand(2, generator=gen) * (size - 16) + 8).tolist()
+            radius = float(torch.rand(1, generator=gen)) * size / 8 + size / 16
+            if kind == 1:
+                inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+            elif kind == 2:
+                inside = ((yy - cy).abs() <= radius) & ((xx - cx).abs() <= radius)
+            else:  # an upright triangle: below its apex, inside the two slanted sides
+                inside = (yy <= cy + radius) & ((xx - cx).abs() <= (yy - (cy - radius)) / 2)
+            colour = torch.rand(3, 1, 1, generator=gen) * 2 - 1
+            images[n] = torch.where(inside, colour + 0.1 * torch.randn(3, size, size, generator=gen), images[n])
+            masks[n][inside] = kind
+    return images, masks
+
+
+class ShapesUNet(nn.Module):
+    """A three-level U-Net whose decoder upsamples with ConvTranspose2d (stride 2), as segmentation and DBNet-style
+    text-detection heads do; 4 classes."""
+
+    def __init__(self, width: int = 16, classes: int = len(SHAPE_CLASSES)):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+        self.enc1, self.enc2, self.enc3 = block(3, width), block(width, 2 * width), block(2 * width, 4 * width)
+        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        self.dec2 = block(4 * width, 2 * width)
+        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.dec1 = block(2 * width, width)
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        e3 = self.enc3(F.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(e3), e2], 1))
+        return self.head(self.dec1(torch.cat([self.up1(d2), e1], 1)))
+
+
+def per_image_iou(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Per image, the mean IoU over the shape classes present in its mask or its prediction (background excluded)."""
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            predicted = model(images[start:start + batch_size]).argmax(1)
+            truth = masks[start:start + batch_size]
+            for p, t in zip(predicted, truth):
+                ious = [float(((p == c) & (t == c)).sum()) / float(((p == c) | (t == c)).sum())
+                        for c in range(1, len(SHAPE_CLASSES)) if bool(((p == c) | (t == c)).any())]
+                scores.append(sum(ious) / len(ious) if ious else 1.0)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def train_shapes_unet(cache, seed: int = 0, epochs: int = 6, train_images: int = 4000):
+    """Train (or load from ``cache``) the U-Net on synthetic shapes: Adam 1e-3 with cosine decay, batch 32."""
+    import json
+    import time
+    from pathlib import Path
+
+    path = Path(cache) / "checkpoints" / f"shapes_unet_e{epochs}_n{train_images}_s{seed}.pt"
+    model = ShapesUNet()
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), path
+    images, masks = synthetic_shapes(train_images, seed=seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps = epochs * (train_images // 32)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(train_images, generator=torch.Generator().manual_seed(seed + epoch))
+        for start in range(0, train_images - 31, 32):
+            chunk = order[start:start + 32]
+            loss = F.cross_entropy(model(images[chunk]), masks[chunk])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        print(f"shapes U-Net epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.3f}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps({
+        "model": "ShapesUNet", "data": f"synthetic_shapes({train_images}, seed={seed})", "epochs": epochs,
+        "batch_size": 32, "optimizer": "Adam 1e-3, cosine", "train_seconds": round(time.perf_counter() - started),
+        "torch": torch.__version__}, indent=2))
+    return model.eval(), path
+
+
+def classifier_task(args, name: str = "mobilenet_cifar"):
+    """A classifier of ``common.MODELS`` (the MobileNet-style one by default; the seed models load their shared
+    checkpoints) on its dataset: 256 calibration images, the full test split."""
+    import common
+    from remedies import Task
+    from sgfx.cli.evaluation import topk_correct
+
+    model, train_set, test_set, dense = common.prepare(name, args)
+    calib = common.calibration_set(train_set, args.calib_samples, args.seed)
+    unlabeled = [images for images, _ in train_set.subset(args.unlabeled, args.seed + 1).batches(128)]
+    probe = next(test_set.batches(64))[0]
+    return dense, Task(name, model, calib,
+                       lambda m: topk_correct(m, test_set.batches(500), ks=(1,))[1], "top-1 %", unlabeled, "kl",
+                       probe)
+
+
+def segmentation_task(args):
+    """The shapes U-Net: 256 calibration images, 1000 test images, per-image mean IoU."""
+    from remedies import Task
+
+    model, _ = train_shapes_unet(args.cache_dir, args.seed)
+    test_images, test_masks = synthetic_shapes(1000, seed=args.seed + 1)
+    calib = list(synthetic_shapes(args.calib_samples, seed=args.seed + 2)[0].split(64))
+    unlabeled = list(synthetic_shapes(args.unlabeled // 2, seed=args.seed + 3)[0].split(32))
+    return Task("shapes_unet", model, calib, lambda m: per_image_iou(m, test_images, test_masks), "mIoU %",
+                unlabeled, "mse", test_images[:16])
+
+
+def main(argv=None) -> None:
+    """Train (or load from the cache) the chosen models, print their dense metric, then, unless ``--train-only``,
+    prune each with every remedy switched off in turn (seed models: the default and per-layer targets only) and
+    print the paired differences; ``--out`` writes the rows as JSON."""
+    import json
+    import logging
+
+    import common
+
+    parser = common.build_parser("Efficient networks trained here: dense accuracy and one-shot pruning.")
+    parser.add_argument("--train-only", action="store_true", help="train/load and evaluate the dense models only")
+    parser.add_argument("--tasks", nargs="+", choices=["classifier", "segmentation", "cifar_cnn", "resnet18_cifar",
+                                                       "mnist_cnn"], default=["classifier", "segmentation"],
+                        help="the efficient models (classifier, segmentation) or a seed model, for which only the "
+                             "default and per-layer targets run")
+    parser.add_argument("--variants", nargs="+", help="only these rows of remedies.VARIANTS (default: all)")
+    parser.add_argument("--unlabeled", type=int, default=2048,
+                        help="unlabeled training images for label-free recovery (the U-Net uses half as many)")
+    parser.add_argument("--recovery-epochs", type=int, default=2)
+    parser.add_argument("--recovery-lr", type=float, default=0.005)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    import remedies
+
+    rows = []
+    for name in args.tasks:
+        variants, recovery = None, True
+        if name != "segmentation":
+            dense, task = classifier_task(args, "mobilenet_cifar" if name == "classifier" else name)
+            print(json.dumps({"model": task.name, "dense_top1": round(dense, 2)}), flush=True)
+            if name != "classifier":
+                variants = {k: remedies.VARIANTS[k] for k in ("default", "per-layer targets (held out)")}
+                recovery = False
+        else:
+            task = segmentation_task(args)
+            print(json.dumps({"model": task.name, "dense_miou": round(100 * float(task.score(task.model).mean()),
+                                                                      2)}), flush=True)
+        if args.variants:
+            variants = {k: remedies.VARIANTS[k] for k in args.variants}
+        if not args.train_only:
+            rows += remedies.run_task(task, str(args.pattern), variants, args.recovery_epochs, args.recovery_lr,
+                                      recovery)
+            print(remedies.report([r for r in rows if r["model"] == task.name]), flush=True)
+    if rows:
+        remedies.report(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,8 @@
 Everything a user types is parsed and validated here, at the API boundary, so that the passes below can
 trust their inputs. Each option is one :class:`SparsifyConfig` field declared with :func:`_option`: its default,
 its documentation (rendered into the class docstring) and how the command line spells it; ``sgfx.sparsify``'s
-keywords and ``sgfx sparsify``'s flags are derived from these fields. Strings follow NVIDIA's convention: ``"2:4"`` keeps *at most* 2 nonzeros in every 4
-consecutive weights. Floats are unstructured fractions of weights set to zero.
+keywords and ``sgfx sparsify``'s flags are derived from these fields. Strings follow NVIDIA's convention: ``"2:4"``
+keeps *at most* 2 nonzeros in every 4 consecutive weights. Floats are unstructured fractions of weights set to zero.
 """
 
 from __future__ import annotations
@@ -184,6 +184,11 @@ class SparsifyConfig:
                                          "(``‖W X_dense − Ŵ X_pruned‖``) rather than to ``W X_pruned``, where its "
                                          "calibration samples cover its columns; runs the dense model alongside. "
                                          "SparseGPT only. ``None``: on for SparseGPT.", {"kind": "bool"})
+    per_layer_targets: bool = _option(False, "With dense targets: hold out the last fifth of the calibration "
+                                      "batches and keep dense targets only for the layers where, solved on the "
+                                      "other batches, they give a lower held-out error ‖W X_dense − Ŵ X‖² than the "
+                                      "plain target (two extra solves per such layer); each record's "
+                                      "target_errors holds both errors.", {"kind": "bool"})
     augment: str | None = _option(None, '``"hflip"`` adds the horizontal mirror of every calibration image (4-D '
                                   "inputs; only valid where mirror images are valid inputs). ``None``: the data as "
                                   "given.", {"choices": AUGMENTATIONS[1:]})
@@ -205,6 +210,10 @@ class SparsifyConfig:
                                    "layer is N:M).", {"kind": "float"})
     target: str = _option("weights", 'What ``allocation="global"`` and ``budget`` count: ``"weights"`` or '
                           '``"flops"`` (multiply-adds).', {"choices": TARGETS})
+    accelerated_only: bool = _option(False, "N:M only: prune only the layers TensorRT's 2:4 kernels are known to "
+                                     "run faster when sparse (Conv and Linear; not transposed convs, not depthwise "
+                                     "convs); the others stay dense with that reason. The report gives the share of "
+                                     "the prunable layers' multiply-adds that is N:M.", {"kind": "bool"})
     fold_weight_transforms: bool = _option(False, "Replace conv subclasses that transform their weight in "
                                            "``forward`` (weight standardisation, NFNets' ``ScaledStdConv2d``) by a "
                                            "plain conv holding the transformed weight, so that it can be pruned "
@@ -273,6 +282,11 @@ class SparsifyConfig:
             self._set("dense_targets", DEFAULT_DENSE_TARGETS and self.method == "sparsegpt")
         if self.dense_targets and self.method != "sparsegpt":
             raise ValueError(f"dense_targets needs method='sparsegpt' (it changes the weights), got {self.method!r}")
+        if not isinstance(self.per_layer_targets, bool):
+            raise TypeError(f"per_layer_targets must be True or False, got {self.per_layer_targets!r}")
+        if self.per_layer_targets and not self.dense_targets:
+            raise ValueError("per_layer_targets chooses between dense and plain targets: it needs dense_targets "
+                             "(the default for method='sparsegpt')")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augment {self.augment!r}; accepted: None, " + ", ".join(AUGMENTATIONS[1:]))
         if self.stats_correction is None:
@@ -302,6 +316,11 @@ class SparsifyConfig:
             self._set("budget", float(self.budget))
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; accepted: {', '.join(TARGETS)}")
+        if not isinstance(self.accelerated_only, bool):
+            raise TypeError(f"accelerated_only must be True or False, got {self.accelerated_only!r}")
+        if self.accelerated_only and not isinstance(self.sparsity, NMPattern):
+            raise ValueError(f"accelerated_only applies to N:M patterns (the sparse kernels' layout), got "
+                             f"{self.sparsity}")
 
     def _check_resources(self) -> None:
         if self.device is not None:

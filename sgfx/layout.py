@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["nm_axis", "onnx_nm_axis", "onnx_torch_axis", "nm_groups", "nm_ungroup", "TRANSPOSED_KINDS"]
+__all__ = ["nm_axis", "onnx_nm_axis", "onnx_torch_axis", "nm_groups", "nm_ungroup", "not_accelerated_reason",
+           "TRANSPOSED_KINDS", "NO_SPARSE_DECONVOLUTION"]
 
 TRANSPOSED_KINDS = frozenset({"ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"})
 _ONNX_TRANSPOSED = "ConvTranspose"  # its weight is [C_in, C_out/g, k...], PyTorch's ConvTranspose layout
@@ -27,6 +28,25 @@ _ONNX_TRANSPOSED = "ConvTranspose"  # its weight is [C_in, C_out/g, k...], PyTor
 def nm_axis(kind: str = "Linear") -> int:
     """The PyTorch weight axis along which N:M groups run for a layer of ``kind`` (a :class:`LayerRecord` ``op``)."""
     return 0 if kind in TRANSPOSED_KINDS else 1
+
+
+# Polygraphy's sparsity checker covers Conv and MatMul/Gemm only; no TensorRT sparse deconvolution is documented
+# as far as sgfx knows
+NO_SPARSE_DECONVOLUTION = ("ConvTranspose: no known TensorRT 2:4 kernel (Polygraphy checks Conv/MatMul/Gemm only; "
+                           "no sparse deconvolution); pattern kept along C_in")
+DEPTHWISE = "depthwise convolution (1 input channel per group)"
+
+
+def not_accelerated_reason(kind: str, groups: int, in_per_group: int) -> str | None:
+    """Why TensorRT's 2:4 kernels would not run a layer of ``kind`` (a :class:`LayerRecord` ``op``) faster, or
+    None: its sparse kernels cover Conv and Gemm/MatMul (what Polygraphy's sparsity checker inspects), not
+    transposed convolutions, and not depthwise convolutions. No channel-count threshold is documented, so none is
+    applied."""
+    if kind in TRANSPOSED_KINDS:
+        return NO_SPARSE_DECONVOLUTION
+    if groups > 1 and in_per_group == 1:
+        return DEPTHWISE
+    return None
 
 
 def onnx_nm_axis(op_type: str, attributes: dict | None = None) -> int:

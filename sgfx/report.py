@@ -40,6 +40,8 @@ class LayerRecord:
     dense_targets: bool = False  # fitted to the dense model's outputs (dense_targets=True and samples >= columns)
     level: float | None = None  # the sparsity an allocation or budget chose for this layer (None: uniform)
     uses: int = 1  # graph calls sharing this weight (a head applied per feature level): all calibrate it
+    macs: int = 0  # multiply-adds per input image (0: not counted, e.g. inside a leaf module)
+    target_errors: dict[str, Any] = field(default_factory=dict)  # per_layer_targets: held-out error of each target
 
     @property
     def pruned(self) -> bool:
@@ -74,6 +76,12 @@ class SparsityReport:
     def pruned_layers(self) -> list[LayerRecord]:
         return [record for record in self.layers if record.pruned]
 
+    @property
+    def sparse_macs_fraction(self) -> float | None:
+        """The share of the counted layers' multiply-adds that run on pruned weights (None: none counted)."""
+        total = sum(r.macs for r in self.layers)
+        return sum(r.macs for r in self.pruned_layers) / total if total else None
+
     def table(self, tablefmt: str = "simple") -> str:
         headers = ["layer", "type", "weight", "pattern", "sparsity", "rel. error", "time s", "note"]
         rows = []
@@ -95,6 +103,8 @@ class SparsityReport:
             + (f"; {len(self.opened_attention)} MultiheadAttention opened" if self.opened_attention else "")
             + (f"; {len(self.folded)} weight transforms folded" if self.folded else "")
             + (f"; {len(self.submodules)} submodules traced" if self.submodules else "")
+            + (f"; {self.sparse_macs_fraction:.1%} of the prunable layers' multiply-adds on pruned weights"
+               if self.sparse_macs_fraction is not None else "")
             + (f"; {self.memory['spilled_bytes'] / 1e9:.2f} GB of activations spilled to disk"
                if self.memory.get("spilled_bytes") else "")
             + (f"; calibrated on {self.distributed['world_size']} processes" if self.distributed else "")

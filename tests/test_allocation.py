@@ -176,3 +176,34 @@ def test_finetune_bad_input(gen):
         sgfx.finetune(gm, [torch.randn(2, 3, 16, 16)], progress=False)
     with pytest.raises(ValueError, match="epochs"):
         sgfx.finetune(gm, _loader(gen), epochs=0)
+
+
+@pytest.mark.parametrize("distill_loss", ["kl", "mse"])
+def test_label_free_distillation_needs_no_targets_keeps_zeros_and_moves_towards_the_dense_outputs(gen, distill_loss):
+    """alpha=1.0: input batches alone; the pruned model's outputs get closer to the dense model's on held-out
+    inputs, by the measure it was trained on, and every zero stays zero."""
+    model = randomize_bn(ConvBnNet(), gen).eval()
+    gm = sgfx.sparsify(model, torch.randn(32, 3, 16, 16, generator=gen), "2:4", method="magnitude")
+    unlabeled = [torch.randn(16, 3, 16, 16, generator=gen) for _ in range(8)]
+    held_out = torch.randn(64, 3, 16, 16, generator=gen)
+
+    def gap(m):
+        with torch.no_grad():
+            out, ref = m(held_out), model(held_out)
+        if distill_loss == "mse":
+            return float(torch.nn.functional.mse_loss(out, ref))
+        return float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), reduction="batchmean",
+                                                log_target=True))
+
+    tuned = sgfx.finetune(gm, unlabeled, epochs=4, lr=0.02, weight_decay=0.0, distill=model, alpha=1.0,
+                          distill_loss=distill_loss, progress=False)
+    assert gap(tuned) < 0.8 * gap(gm)
+    for record in sgfx.get_report(gm).pruned_layers:
+        original, trained = gm.get_parameter(record.weight_name), tuned.get_parameter(record.weight_name)
+        assert torch.equal(trained[original == 0], torch.zeros_like(trained[original == 0]))
+    with pytest.raises(ValueError, match="alpha=1.0 trains on distillation alone"):
+        sgfx.finetune(gm, unlabeled, alpha=1.0, progress=False)
+    with pytest.raises(ValueError, match="unknown distill_loss"):
+        sgfx.finetune(gm, unlabeled, distill=model, alpha=1.0, distill_loss="l1", progress=False)
+    with pytest.raises(TypeError, match="without labels pass distill=dense_model, alpha=1.0"):
+        sgfx.finetune(gm, unlabeled, distill=model, alpha=0.5, progress=False)

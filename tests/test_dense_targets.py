@@ -128,3 +128,47 @@ def test_dense_target_shift_equals_weight_times_cross_minus_hessian(gen, module)
         x_p, x_d = pruned_rows[group], dense_rows[group]
         expected = w @ (2 / n * x_d.T @ x_p - 2 / n * x_p.T @ x_p)
         torch.testing.assert_close(shift.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_held_out_error_of_a_candidate_equals_the_direct_forward_computation(gen):
+    from sgfx.engine.layer_step import _held_out_error
+    from sgfx.layers import PrunableLayer
+
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    layer = PrunableLayer.from_module("c", conv)
+    inputs = [torch.randn(2, 8, 7, 7, generator=gen) for _ in range(2)]
+    dense_inputs = [x + 0.3 * torch.randn(x.shape, generator=gen) for x in inputs]
+    candidate = [m * (torch.rand(m.shape, generator=gen) > 0.5) for m in layer.solve_matrices()]
+    before = conv.weight.detach().clone()
+    got = _held_out_error(layer, candidate, inputs, dense_inputs, None)
+    assert torch.equal(conv.weight, before)  # the live weight is restored
+    layer.write_back(candidate)
+    pruned = conv.weight.detach().clone()
+    conv.weight.data.copy_(before)
+    num = sum(float((F.conv2d(d, before, padding=1) - F.conv2d(x, pruned, padding=1)).square().sum())
+              for x, d in zip(inputs, dense_inputs))
+    den = sum(float(F.conv2d(d, before, padding=1).square().sum()) for d in dense_inputs)
+    assert got == pytest.approx(num / den, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:sgfx.*stayed dense")
+def test_per_layer_targets_keep_dense_targets_only_where_they_lower_the_held_out_error(gen):
+    from models import ConvBnNet, randomize_bn
+
+    model = randomize_bn(ConvBnNet(), gen).eval()
+    calib = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(5)]
+    report = sgfx.get_report(sgfx.sparsify(model, calib, "2:4", per_layer_targets=True))
+    chosen = [r for r in report.pruned_layers if r.target_errors]
+    assert chosen, "no layer went through the held-out choice"
+    for record in chosen:
+        errors = record.target_errors
+        assert 0 <= errors["plain"] < 1 and 0 <= errors["dense"] < 1
+        assert record.dense_targets == (errors["dense"] < errors["plain"])
+    linear = [r for r in report.pruned_layers if r.op == "Linear"]
+    assert linear and all(not r.target_errors and not r.dense_targets for r in linear)  # samples < columns
+    plain = sgfx.get_report(sgfx.sparsify(model, calib, "2:4"))
+    assert all(not r.target_errors for r in plain.layers)
+    single = sgfx.get_report(sgfx.sparsify(model, calib[0], "2:4", per_layer_targets=True))
+    assert all("one calibration batch" in r.target_errors["note"] for r in single.pruned_layers if r.target_errors)
+    with pytest.raises(ValueError, match="per_layer_targets .* needs dense_targets"):
+        sgfx.sparsify(model, calib, "2:4", per_layer_targets=True, dense_targets=False)

@@ -206,3 +206,36 @@ def test_ablation_runs_configs_and_pivots(tmp_path, capsys):
     assert json.loads((tmp_path / "ablation.json").read_text()) == rows
     printed = capsys.readouterr().out
     assert "2:4: accuracy drop (pp)" in printed and "| +permute " in printed
+
+
+def test_synthetic_shapes_and_per_image_iou_against_perfect_and_blind_predictors():
+    import efficient
+
+    images, masks = efficient.synthetic_shapes(12, size=32, seed=3)
+    again, masks_again = efficient.synthetic_shapes(12, size=32, seed=3)
+    assert images.shape == (12, 3, 32, 32) and torch.equal(images, again) and torch.equal(masks, masks_again)
+    assert set(masks.unique().tolist()) <= {0, 1, 2, 3} and (masks > 0).any(dim=(1, 2)).all()  # a shape in each
+
+    class Oracle(torch.nn.Module):  # logits that put each pixel in its true class
+        def forward(self, x):
+            return torch.nn.functional.one_hot(masks[: len(x)], 4).permute(0, 3, 1, 2).float()
+
+    class Blind(torch.nn.Module):  # everything background
+        def forward(self, x):
+            return torch.zeros(len(x), 4, 32, 32).index_fill_(1, torch.tensor([0]), 1.0)
+
+    assert torch.equal(efficient.per_image_iou(Oracle(), images, masks), torch.ones(12, dtype=torch.float64))
+    assert torch.equal(efficient.per_image_iou(Blind(), images, masks), torch.zeros(12, dtype=torch.float64))
+
+
+def test_shapes_unet_transposed_convs_are_left_dense_by_accelerated_only():
+    import efficient
+    import sgfx
+
+    model = efficient.ShapesUNet(width=8).eval()
+    images, _ = efficient.synthetic_shapes(16, size=32, seed=0)
+    report = sgfx.get_report(sgfx.sparsify(model, images, "2:4", accelerated_only=True))
+    kinds = {r.name: (r.op, r.pruned, r.reason) for r in report.layers}
+    assert not kinds["up1"][1] and not kinds["up2"][1] and "ConvTranspose" in kinds["up1"][2]
+    assert kinds["dec1.0"][1] and kinds["head"][1]  # plain convs with input channels in fours: 2:4
+    assert not kinds["enc1.0"][1] and "input channels per group (3)" in kinds["enc1.0"][2]

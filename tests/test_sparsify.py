@@ -459,3 +459,53 @@ def test_several_inputs_bad_items():
     with pytest.raises(ValueError, match="augment='hflip' needs image batches"):
         sgfx.sparsify(_TwoInputs().eval(), [sgfx.Inputs(torch.randn(4, 16), torch.randn(4, 12))], "2:4",
                       augment="hflip")
+
+
+def _macs_by_hooks(model, x):
+    """Multiply-adds per image of every conv/linear module: weight elements x output positions (forward hooks)."""
+    macs, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            def hook(m, args, out, name=name):
+                channels = out.shape[1] if out.dim() > 2 else out.shape[-1]
+                macs[name] = m.weight.numel() * (out[:1].numel() // channels)
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return macs
+
+
+def test_accelerated_only_leaves_transposed_and_depthwise_convs_dense_and_reports_the_sparse_share(gen):
+    from models import UNet
+
+    class WithDepthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = UNet()
+            self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+        def forward(self, x):
+            return self.depthwise(self.unet(x))
+
+    model = WithDepthwise().eval()
+    calib = torch.randn(8, 3, 32, 32, generator=gen)
+    everything = sgfx.get_report(sgfx.sparsify(model, calib, "2:4"))
+    report = sgfx.get_report(sgfx.sparsify(model, calib, "2:4", accelerated_only=True))
+    records = {r.name: r for r in report.layers}
+    transposed = [r for r in report.layers if r.op.startswith("ConvTranspose")]
+    assert transposed and all(not r.pruned and r.reason.startswith("accelerated_only: ConvTranspose")
+                              for r in transposed)
+    assert not records["depthwise"].pruned  # 1 input channel per group: ineligible for 2:4 in any case
+    assert {r.name for r in report.pruned_layers} == {r.name for r in everything.pruned_layers} - {
+        r.name for r in transposed}
+    macs = _macs_by_hooks(model, calib)
+    for name, count in macs.items():
+        assert records[name].macs == count, name
+    expected = sum(macs[r.name] for r in report.pruned_layers) / sum(macs.values())
+    assert report.sparse_macs_fraction == pytest.approx(expected)
+    assert report.sparse_macs_fraction < everything.sparse_macs_fraction
+    assert f"{expected:.1%} of the prunable layers' multiply-adds on pruned weights" in str(report)
+    with pytest.raises(ValueError, match="accelerated_only applies to N:M"):
+        sgfx.sparsify(model, calib, 0.5, accelerated_only=True)

@@ -22,6 +22,7 @@ from torch.fx.node import Node
 
 from ..config import SparsifyConfig
 from ..layers import PrunableLayer
+from ..layout import not_accelerated_reason
 from ..report import LayerRecord, SparsityReport
 from .leaf_blocks import LeafBlock, find_leaf_blocks
 
@@ -142,6 +143,9 @@ def _dense_reason(layer: PrunableLayer, config: SparsifyConfig, in_block: LeafBl
     """(reason the layer stays dense or "", the skip pattern that matched it or None)."""
     matched = match_skip(layer.name, config.skip)
     reason = f"skip={matched!r}" if matched else (layer.ineligibility(config.sparsity) or "")
+    if not reason and config.accelerated_only:
+        slow = not_accelerated_reason(layer.op, layer.num_groups, layer.in_per_group)
+        reason = f"accelerated_only: {slow}" if slow else ""
     if in_block is not None and not reason and config.allocates:
         reason = f"inside leaf module {in_block.name}: allocation and budget cover the graph's layers only"
     if reason and not matched:  # summed up in one warning at the end (dense_summary), each in the report

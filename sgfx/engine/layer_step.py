@@ -67,10 +67,29 @@ def dense_target_shifts(layer: PrunableLayer, inputs: list[torch.Tensor], dense_
     return [distributed.all_reduce_sum(s) * (2.0 / samples) for s in sums]
 
 
+def _held_out_error(layer: PrunableLayer, candidate: list[torch.Tensor], inputs: Sequence[torch.Tensor],
+                    dense_inputs: Sequence[torch.Tensor], device) -> float:
+    """``‖W X_dense − Ŵ X‖² / ‖W X_dense‖²`` on held-out batches, for ``Ŵ`` given in solve layout (the live weight
+    is ``W``; it is restored)."""
+    original = layer.weight.detach().clone()
+    layer.write_back(candidate)
+    pruned = layer.weight.detach().to(device, torch.float32).clone()
+    layer.weight.data.copy_(original)
+    dense = original.to(device, torch.float32)
+    terms = torch.zeros(2, dtype=torch.float64)
+    for x, x_dense in zip(inputs, dense_inputs):
+        want = layer.forward_with(x_dense.detach().to(device, torch.float32), dense)
+        terms[0] += (want - layer.forward_with(x.detach().to(device, torch.float32), pruned)).square().sum(
+            dtype=torch.float64).cpu()
+        terms[1] += want.square().sum(dtype=torch.float64).cpu()
+    return float(terms[0] / terms[1]) if terms[1] > 0 else 0.0
+
+
 class LayerPruner:
     """The per-layer step called by the SequentialPruner: statistics, solve, write-back, record.
 
-    Across processes (:mod:`sgfx.runtime.distributed`) every rank gathers the statistics of its shard and they are summed;
+    Across processes (:mod:`sgfx.runtime.distributed`) every rank gathers the statistics of its shard and they are
+    summed;
     the solve runs on the layer's owner rank, which broadcasts the pruned weight and the record.
     """
 
@@ -116,12 +135,42 @@ class LayerPruner:
         # A Linear layer sees one sample per image, so with a few hundred images it keeps the plain target.
         record.dense_targets = bool(config.dense_targets) and dense_inputs is not None and \
             record.samples >= layer.columns
+        if record.dense_targets and config.per_layer_targets:
+            record.dense_targets = self._dense_targets_hold_out(layer, inputs, dense_inputs, device, record)
         shifts = None
         if record.dense_targets:
             shifts = dense_target_shifts(layer, inputs, dense_inputs, record.samples, device)
             record.hessian_flops += 4 * record.samples * layer.weight.numel()  # a forward and a weight gradient
             record.hessian_s = time.perf_counter() - start
         return hessians, shifts
+
+    def _dense_targets_hold_out(self, layer: PrunableLayer, inputs, dense_inputs, device, record: LayerRecord) -> bool:
+        """Whether dense targets lower this layer's error on held-out calibration batches (the last fifth, at least
+        one): both targets are solved on the other batches and scored on those; records both errors."""
+        if len(inputs) < 2:
+            record.target_errors = {"note": "one calibration batch: nothing to hold out, dense targets kept"}
+            return True
+        held = max(1, len(inputs) // 5)
+        fit, fit_dense = inputs[:len(inputs) - held], dense_inputs[:len(inputs) - held]
+        accumulator = HessianAccumulator(layer, device)
+        for x in fit:
+            accumulator.add(x)
+        hessians = accumulator.finalize()
+        shifts = dense_target_shifts(layer, fit, fit_dense, accumulator.samples, device)
+        config, pattern = self.config, self.pattern(layer)
+        errors = {}
+        for name, use_dense in (("plain", False), ("dense", True)):
+            candidate = []
+            for w, h, shift in zip(layer.solve_matrices(), hessians, shifts):
+                w = w.to(device)
+                target = dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries) if use_dense \
+                    else w
+                candidate.append(sparsegpt_prune(target, h, pattern, config.blocksize, config.percdamp,
+                                                 config.max_damping_retries).weight)
+            errors[name] = _held_out_error(layer, candidate, inputs[len(inputs) - held:],
+                                           dense_inputs[len(inputs) - held:], device)
+        record.target_errors = errors
+        return errors["dense"] < errors["plain"]
 
     def _solve(self, layer: PrunableLayer, statistics, matrices: list[torch.Tensor], record: LayerRecord) -> list:
         """The pruned weights per group (runs on one rank)."""

@@ -28,7 +28,7 @@ from ..runtime import distributed
 from ..runtime.activations import ActivationStore, MappedValues
 from ..runtime.calibration import calibration_batches, map_tensors
 from ..runtime.memory import current_rss, default_max_memory, plan_memory
-from .allocation import plan as plan_allocation
+from .allocation import layer_costs, plan as plan_allocation
 from .inventory import Inventory, dense_summary, take_inventory
 from .progress import progress_bar
 from .sweep import prune_sequentially
@@ -96,6 +96,18 @@ def _take_inventory(run: Run) -> None:
                       stacklevel=6)
 
 
+def _count_macs(run: Run) -> None:
+    """Each graph layer's multiply-adds per image (one image through the graph), for the report's sparse share."""
+    try:
+        costs = layer_costs(run.gm, run.converted[0], run.found)
+    except Exception as exc:  # a graph ShapeProp cannot run: the share is left out, the run goes on
+        logger.info("multiply-adds not counted: %s", exc)
+        return
+    for record in run.report.layers:
+        if record.name in costs:
+            record.macs = costs[record.name].macs
+
+
 def _plan_memory(run: Run) -> None:
     config, inventory = run.config, run.inventory
     layers = list(inventory.to_prune.values()) + list(inventory.inner.values())
@@ -147,6 +159,7 @@ STEPS: tuple[Step, ...] = (
     Step("find prunable layers", _find_layers),
     Step("schedule shared uses", _schedule),
     Step("inventory of every weight", _take_inventory),
+    Step("count multiply-adds", _count_macs, lambda run: run.has_work),
     Step("plan memory", _plan_memory, lambda run: run.has_work),  # before any work: a run that cannot fit stops
     Step("permute channels", _permute, lambda run: run.has_work and run.config.permute_channels),
     Step("allocate patterns", _allocate, lambda run: run.has_work and run.config.allocates),

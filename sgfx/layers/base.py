@@ -137,7 +137,8 @@ class PrunableLayer:
         raise NotImplementedError
 
     def shift_geometry(self, kernel_x: torch.Tensor):
-        """A :class:`sgfx.layers.conv_gram.ConvGeometry` when shifted correlations can build the Gram blocks, else None."""
+        """A :class:`sgfx.layers.conv_gram.ConvGeometry` when shifted correlations can build the Gram blocks, else
+        None."""
         return None
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ Each chunk's product runs in float32 (BLAS block sums keep its relative error ne
 added later) and chunks accumulate in float64 so that many batches do not drift. Inputs are cut into vectors a few
 images at a time by the layer kind (:meth:`PrunableLayer.rows`), so no layer ever holds the unfolded inputs of the
 whole calibration set. Stride-1 2-D convs on feature maps large against their kernel skip the unfolding: their Gram
-blocks come from shifted correlations of the input (:mod:`sgfx.layers.conv_gram`), whichever of the two routes needs fewer
-multiply-adds.
+blocks come from shifted correlations of the input (:mod:`sgfx.layers.conv_gram`), whichever of the two routes needs
+fewer multiply-adds.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from tabulate import tabulate
 from torch import nn
 
 from ..check import count_violations
-from ..layout import nm_groups, onnx_nm_axis, onnx_torch_axis
+from ..layout import NO_SPARSE_DECONVOLUTION, nm_groups, not_accelerated_reason, onnx_nm_axis, onnx_torch_axis
 from ..config import NMPattern, parse_pattern
 from ..layers import fetch_tensor
 from ..report import LayerRecord, SparsityReport, find_report
@@ -45,10 +45,6 @@ TENSORRT_PATTERN = NMPattern(2, 4)  # the only pattern TensorRT's sparse kernels
 _INSTALL_HINT = "pip install 'sgfx[onnx]'"
 _FOLLOWED_OPS = ("Cast", "Identity")  # ops a weight may pass through without changing its layout
 _ELIGIBLE = "sparse-eligible"
-# Polygraphy's sparsity checker covers Conv and MatMul/Gemm only; no TensorRT sparse deconvolution is documented
-# as far as sgfx knows (sgfx.layout)
-_NO_SPARSE_DECONVOLUTION = ("ConvTranspose: no known TensorRT 2:4 kernel (Polygraphy checks Conv/MatMul/Gemm only; "
-                            "no sparse deconvolution); pattern kept along C_in")
 _EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a .data file beside the model (protobuf caps files at 2 GB)
 
 
@@ -163,10 +159,10 @@ def _structural_reason(layer: OnnxLayer, groups: int) -> str | None:
     """Why TensorRT cannot treat this weight as 2:4 whatever its values, or None."""
     if layer.initializer is None:
         return "weight computed at run time, not a constant initializer: TensorRT needs constant sparse weights"
-    if layer.op_type == "Conv" and groups > 1 and layer.shape[1] == 1:
-        return "depthwise convolution (1 input channel per group)"
-    if layer.op_type == "ConvTranspose":
-        return _NO_SPARSE_DECONVOLUTION
+    kind = {"Conv": "Conv2d", "ConvTranspose": "ConvTranspose2d"}.get(layer.op_type, "Linear")
+    reason = not_accelerated_reason(kind, groups, layer.shape[1] if layer.op_type == "Conv" else 0)
+    if reason is not None:
+        return reason
     length = layer.shape[layer.axis]
     if length % TENSORRT_PATTERN.m:
         what = "input channels per group" if layer.op_type == "Conv" else "reduction axis"
@@ -216,7 +212,7 @@ def _scan(model: Any) -> tuple[list[OnnxLayer], dict[str, np.ndarray]]:
             layer.shape = tuple(mask.shape)
             layer.sparsity = 1.0 - float(mask.mean()) if mask.size else 0.0
         reason = _structural_reason(layer, int(attributes.get("group", 1)))
-        if reason is None or reason == _NO_SPARSE_DECONVOLUTION:
+        if reason is None or reason == NO_SPARSE_DECONVOLUTION:
             nonzero = torch.from_numpy(nonzeros[name])
             layer.violations = int((nm_groups(nonzero, TENSORRT_PATTERN.m, axis).sum(1) > TENSORRT_PATTERN.n).sum())
             if layer.violations and reason is None:
@@ -285,13 +281,14 @@ def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern:
         if not layer.pruned:
             continue
         nonzero = torch.from_numpy(_torch_layout(nonzeros[layer.initializer], layer.axis, layer.op_type))
-        lost = count_violations(nonzero, pattern, onnx_torch_axis(layer.op_type)) if isinstance(pattern, NMPattern) else 0
+        lost = count_violations(nonzero, pattern, onnx_torch_axis(layer.op_type)) \
+            if isinstance(pattern, NMPattern) else 0
         record = next(r for r in records if r.name == layer.layer)
         zeros, pruned_zeros = int((~nonzero).sum()), int((weights[record.weight_name] == 0).sum())
         if lost or zeros < pruned_zeros:
             problems.append(f"{layer.layer} ({layer.initializer}): pattern {pattern} lost in export "
                             f"({lost} groups violate it; {zeros} zeros where the model has {pruned_zeros})")
-        elif (not layer.eligible and layer.reason != _NO_SPARSE_DECONVOLUTION and isinstance(pattern, NMPattern)
+        elif (not layer.eligible and layer.reason != NO_SPARSE_DECONVOLUTION and isinstance(pattern, NMPattern)
               and pattern.implies(TENSORRT_PATTERN)):
             problems.append(f"{layer.layer} ({layer.initializer}): {layer.reason}")
     if problems:

@@ -91,7 +91,8 @@ def trace(
             f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}"
             + (f"\n  failing construct: {where}" if where else "")
             + "\n  workarounds: make the offending submodule a leaf (sparsify(..., leaf_modules=[TheModule] or "
-            "['its.qualified.name']); its layers are still pruned, with the module run as a unit), or fix the branch with "
+            "['its.qualified.name']); its layers are still pruned, with the module run as a unit), or fix the "
+            "branch with "
             "concrete_args={'arg': value}; or pass a torch.fx.GraphModule you traced yourself."
         ) from exc
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)

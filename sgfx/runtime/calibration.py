@@ -2,9 +2,10 @@
 
 ``sgfx.sparsify(model, calib)`` takes tensors (or ``(input, ...)`` tuples, as a labelled ``DataLoader`` yields):
 each batch feeds the graph's first input. A model with several inputs takes :class:`Inputs` items
-(``sgfx.Inputs(image, mask, meta=m)``) or dicts of keyword inputs, also as the first element of a tuple. Submodules traced on their own (``submodules=``) take whatever their
-parent passes them (several tensors, lists, dicts of FPN features, torchvision ``ImageList`` objects), recorded as
-a :class:`CallInputs` per call and mapped onto the graph's placeholders by position, then by name.
+(``sgfx.Inputs(image, mask, meta=m)``) or dicts of keyword inputs, also as the first element of a tuple. Submodules
+traced on their own (``submodules=``) take whatever their parent passes them (several tensors, lists, dicts of FPN
+features, torchvision ``ImageList`` objects), recorded as a :class:`CallInputs` per call and mapped onto the graph's
+placeholders by position, then by name.
 """
 
 from __future__ import annotations

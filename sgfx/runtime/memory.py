@@ -1,11 +1,11 @@
 """Host-memory budget of a calibration run: ``max_memory`` parsing, the machine's available memory, and the
 estimate made before any work starts.
 
-Why before: a sweep that runs out of memory after an hour of Hessians is the worst way to learn that the
-calibration set was too large. One forward pass of the first batch gives every graph value's size; replaying the
-sweep's liveness (a value lives from its node to its last user) over those sizes, scaled to the whole calibration
-set, gives the activations' peak; the parameters (twice when the dense model runs alongside) and the largest layer's
-Hessian and factor are the fixed part. The activation store (:mod:`sgfx.runtime.activations`) then gets what is left of the
+Why before: a sweep that runs out of memory after an hour of Hessians is the worst way to learn that the calibration
+set was too large. One forward pass of the first batch gives every graph value's size; replaying the sweep's
+liveness (a value lives from its node to its last user) over those sizes, scaled to the whole calibration set, gives
+the activations' peak; the parameters (twice when the dense model runs alongside) and the largest layer's Hessian
+and factor are the fixed part. The activation store (:mod:`sgfx.runtime.activations`) then gets what is left of the
 cap; what does not fit spills to disk, and a set that cannot run even then is refused with the numbers.
 """
 
