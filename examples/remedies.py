@@ -61,8 +61,8 @@ def sensitivity(model: nn.Module, probe: torch.Tensor) -> float:
 
 
 def _row(task: Task, label: str, model: nn.Module, dense_scores: torch.Tensor, seconds: float | None,
-         macs: float | None) -> dict:
-    scores = task.score(model).double()
+         macs: float | None, scores: torch.Tensor | None = None) -> dict:
+    scores = (task.score(model) if scores is None else scores).double()
     diff, half = paired_difference(scores, dense_scores)
     return {"model": task.name, "variant": label, task.metric: round(100 * float(scores.mean()), 2),
             "vs dense (95% CI), pp": f"{diff:+.2f} ± {half:.2f}", "diff_pp": round(diff, 3),
@@ -76,7 +76,7 @@ def run_task(task: Task, pattern: str = "2:4", variants: dict[str, dict] | None 
     """The dense row, one row per variant, and the default followed by label-free recovery (distillation from the
     dense model on ``task.unlabeled`` with every zero kept)."""
     dense_scores = task.score(task.model)
-    rows = [_row(task, "dense", task.model, dense_scores, None, None)]
+    rows = [_row(task, "dense", task.model, dense_scores, None, None, dense_scores)]
     default = None
     for label, options in (variants or VARIANTS).items():
         started = time.perf_counter()
