@@ -228,6 +228,9 @@ class SparsifyConfig:
                                     "end); ``None``: the system's temporary directory.", {"kind": "text"})
 
     def __post_init__(self) -> None:
+        for name in ("fold_weight_transforms", "per_layer_targets", "accelerated_only"):  # plain switches
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_solver()
         self._check_tracing()
         self._check_remedies()
@@ -270,8 +273,6 @@ class SparsifyConfig:
             if not names:
                 raise ValueError("submodules is empty: name at least one submodule, or pass 'auto'")
             self._set("submodules", "auto" if names == ("auto",) else names)
-        if not isinstance(self.fold_weight_transforms, bool):
-            raise TypeError(f"fold_weight_transforms must be True or False, got {self.fold_weight_transforms!r}")
 
     def _check_remedies(self) -> None:
         for name in ("bn_reestimate", "dense_targets", "permute_channels"):
@@ -282,8 +283,6 @@ class SparsifyConfig:
             self._set("dense_targets", DEFAULT_DENSE_TARGETS and self.method == "sparsegpt")
         if self.dense_targets and self.method != "sparsegpt":
             raise ValueError(f"dense_targets needs method='sparsegpt' (it changes the weights), got {self.method!r}")
-        if not isinstance(self.per_layer_targets, bool):
-            raise TypeError(f"per_layer_targets must be True or False, got {self.per_layer_targets!r}")
         if self.per_layer_targets and not self.dense_targets:
             raise ValueError("per_layer_targets chooses between dense and plain targets: it needs dense_targets "
                              "(the default for method='sparsegpt')")
@@ -316,8 +315,6 @@ class SparsifyConfig:
             self._set("budget", float(self.budget))
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; accepted: {', '.join(TARGETS)}")
-        if not isinstance(self.accelerated_only, bool):
-            raise TypeError(f"accelerated_only must be True or False, got {self.accelerated_only!r}")
         if self.accelerated_only and not isinstance(self.sparsity, NMPattern):
             raise ValueError(f"accelerated_only applies to N:M patterns (the sparse kernels' layout), got "
                              f"{self.sparsity}")

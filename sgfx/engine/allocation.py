@@ -321,12 +321,16 @@ def global_magnitude_levels(layers: dict[str, torch.Tensor], costs: dict[str, La
 
 
 def plan(gm: torch.fx.GraphModule, batches: list[torch.Tensor], layers: dict[Node, PrunableLayer],
-         config: SparsifyConfig) -> tuple[dict[str, Pattern], dict[str, str], dict]:
+         config: SparsifyConfig, costs: dict[str, LayerCost] | None = None
+         ) -> tuple[dict[str, Pattern], dict[str, str], dict]:
     """(pattern per layer name, reason per layer kept dense, a summary for the report) for ``config``'s
-    allocation or budget. Runs the sensitivity pass when the method needs Hessians."""
+    allocation or budget. Runs the sensitivity pass when the method needs Hessians. ``costs`` (from
+    :func:`layer_costs`, a superset of ``layers`` allowed) saves measuring them again."""
     started = time.perf_counter()
     by_name = {layer.name: layer for layer in layers.values()}
-    costs = layer_costs(gm, batches[0], layers)
+    if costs is None or not set(by_name) <= set(costs):
+        costs = layer_costs(gm, batches[0], layers)
+    costs = {name: costs[name] for name in by_name}
     summary = {"target": config.target, "levels": {}}
     patterns: dict[str, Pattern] = {}
     dense: dict[str, str] = {}

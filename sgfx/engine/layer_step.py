@@ -158,11 +158,10 @@ class LayerPruner:
         hessians = accumulator.finalize()
         shifts = dense_target_shifts(layer, fit, fit_dense, accumulator.samples, device)
         config, pattern = self.config, self.pattern(layer)
-        errors = {}
+        errors, matrices = {}, [w.to(device) for w in layer.solve_matrices()]
         for name, use_dense in (("plain", False), ("dense", True)):
             candidate = []
-            for w, h, shift in zip(layer.solve_matrices(), hessians, shifts):
-                w = w.to(device)
+            for w, h, shift in zip(matrices, hessians, shifts):
                 target = dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries) if use_dense \
                     else w
                 candidate.append(sparsegpt_prune(target, h, pattern, config.blocksize, config.percdamp,

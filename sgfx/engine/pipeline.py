@@ -55,6 +55,7 @@ class Run:
     rejected: dict[Node, str] = field(default_factory=dict)
     inventory: Inventory | None = None
     patterns: dict[str, Any] = field(default_factory=dict)  # per-layer patterns chosen by an allocation
+    costs: dict[str, Any] | None = None  # weights and multiply-adds per layer (None: not counted)
 
     def convert(self, batch: Any) -> Any:
         """A batch as the graph takes it: on the compute device, low-precision inputs upcast to float32."""
@@ -99,13 +100,13 @@ def _take_inventory(run: Run) -> None:
 def _count_macs(run: Run) -> None:
     """Each graph layer's multiply-adds per image (one image through the graph), for the report's sparse share."""
     try:
-        costs = layer_costs(run.gm, run.converted[0], run.found)
+        run.costs = layer_costs(run.gm, run.converted[0], run.found)
     except Exception as exc:  # a graph ShapeProp cannot run: the share is left out, the run goes on
         logger.info("multiply-adds not counted: %s", exc)
         return
     for record in run.report.layers:
-        if record.name in costs:
-            record.macs = costs[record.name].macs
+        if record.name in run.costs:
+            record.macs = run.costs[record.name].macs
 
 
 def _plan_memory(run: Run) -> None:
@@ -124,7 +125,8 @@ def _permute(run: Run) -> None:
 
 def _allocate(run: Run) -> None:
     to_prune, records = run.inventory.to_prune, run.inventory.records
-    run.patterns, kept_dense, run.report.allocation = plan_allocation(run.gm, run.converted, to_prune, run.config)
+    run.patterns, kept_dense, run.report.allocation = plan_allocation(run.gm, run.converted, to_prune, run.config,
+                                                                  run.costs)
     for node, layer in list(to_prune.items()):
         record = records[layer.name]
         if layer.name in kept_dense:
