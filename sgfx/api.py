@@ -74,11 +74,12 @@ def sparsify(model: nn.Module, calib: Any, sparsity: Any = "2:4", *,
             model.
         ValueError: bad pattern or options, NaN or Inf in the model's weights (the message names the tensors),
             empty or non-finite calibration data, or calibration batches the model cannot run (the message names
-            the graph node).
+            the graph node); with ``quantize="int8"``, a model that already quantizes or NaN/Inf activations.
 
     Example:
         >>> gm = sgfx.sparsify(model, calib_loader, "2:4")  # doctest: +SKIP
         >>> det = sgfx.sparsify(fasterrcnn, images, "2:4", submodules="auto")  # doctest: +SKIP
+        >>> int8 = sgfx.sparsify(model, calib_loader, "2:4", quantize="int8")  # 2:4 + INT8  # doctest: +SKIP
         >>> print(sgfx.report(gm))  # doctest: +SKIP
     """
     config = build_config(sparsity, options)

@@ -18,6 +18,7 @@ from typing import Any, Union
 
 import torch
 
+from .quantize import ACTIVATION_METHODS, QUANTIZE_MODES
 from .runtime.memory import parse_bytes
 __all__ = ["NMPattern", "Unstructured", "Pattern", "parse_pattern", "SparsifyConfig", "build_config", "option_help",
            "METHODS"]
@@ -87,7 +88,7 @@ class Unstructured:
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise TypeError(f"unstructured sparsity must be a float, got {type(self.sparsity).__name__}")
-        if not 0.0 < float(self.sparsity) < 1.0:
+        if not 0.0 <= float(self.sparsity) < 1.0:  # 0.0 (nothing pruned) only with quantize=: SparsifyConfig checks
             raise ValueError(f"invalid sparsity {self.sparsity!r}; {_ACCEPTED}")
 
     def __str__(self) -> str:
@@ -214,6 +215,17 @@ class SparsifyConfig:
                                      "run faster when sparse (Conv and Linear; not transposed convs, not depthwise "
                                      "convs); the others stay dense with that reason. The report gives the share of "
                                      "the prunable layers' multiply-adds that is N:M.", {"kind": "bool"})
+    quantize: str | None = _option(None, '``"int8"``: also quantize every pruned layer as TensorRT\'s explicit INT8 '
+                                   "runs it (weights symmetric per output channel, rounded inside the OBS solve so "
+                                   "that the rounding error is compensated too and zeros stay zero; its input, and "
+                                   "its output unless that is a graph output, per tensor, calibrated in sweep "
+                                   "order); the model returned simulates the INT8 arithmetic and exports as QDQ "
+                                   "ONNX. With sparsity ``0.0`` nothing is pruned (dense INT8). ``None``: float.",
+                                   {"choices": QUANTIZE_MODES})
+    activation_calibration: str = _option(ACTIVATION_METHODS[0], 'How each activation\'s INT8 scale is chosen: '
+                                          '``"max"`` (max |x|, default: on the seed models it lost no more than '
+                                          'the percentile) or ``"percentile"`` (99.99th percentile of |x|).',
+                                          {"choices": ACTIVATION_METHODS})
     fold_weight_transforms: bool = _option(False, "Replace conv subclasses that transform their weight in "
                                            "``forward`` (weight standardisation, NFNets' ``ScaledStdConv2d``) by a "
                                            "plain conv holding the transformed weight, so that it can be pruned "
@@ -235,6 +247,7 @@ class SparsifyConfig:
         self._check_tracing()
         self._check_remedies()
         self._check_allocation()
+        self._check_quantization()
         self._check_resources()
 
     def _set(self, name: str, value: Any) -> None:
@@ -318,6 +331,23 @@ class SparsifyConfig:
         if self.accelerated_only and not isinstance(self.sparsity, NMPattern):
             raise ValueError(f"accelerated_only applies to N:M patterns (the sparse kernels' layout), got "
                              f"{self.sparsity}")
+
+    def _check_quantization(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"unknown quantize {self.quantize!r}; accepted: None (float), "
+                             + ", ".join(map(repr, QUANTIZE_MODES)))
+        if self.activation_calibration not in ACTIVATION_METHODS:
+            raise ValueError(f"unknown activation_calibration {self.activation_calibration!r}; accepted: "
+                             + ", ".join(ACTIVATION_METHODS))
+        if isinstance(self.sparsity, Unstructured) and self.sparsity.sparsity == 0.0:
+            if self.quantize is None:
+                raise ValueError(f"sparsity 0.0 prunes nothing: it is only for quantize='int8' (dense INT8); "
+                                 f"{_ACCEPTED}")
+            if self.allocation != "uniform":
+                raise ValueError("sparsity 0.0 (dense INT8) takes no allocation")
+        if self.quantize is not None and self.submodules is not None:
+            raise ValueError("quantize='int8' with submodules= is not supported yet (its export path is the whole "
+                             "graph's); sparsify the traceable model, or quantize without submodules")
 
     def _check_resources(self) -> None:
         if self.device is not None:

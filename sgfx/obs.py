@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import NMPattern, Pattern, Unstructured
+from .quantize import WEIGHT_QMAX, weight_scales as row_scales
 
 __all__ = [
     "SolveResult", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
@@ -42,6 +43,7 @@ class SolveResult:
     damping: float = 0.0  # absolute damping finally added to diag(H)
     damping_retries: int = 0  # times the damping was raised x10 because Cholesky failed
     factor_s: float = 0.0  # seconds spent factorising the Hessian
+    scales: torch.Tensor | None = None  # (rows,) the INT8 scales the weight was rounded to (quantized solves)
 
 
 def _rotate_180_(matrix: torch.Tensor, strip: int = 1024) -> torch.Tensor:
@@ -163,8 +165,29 @@ def _block_prune_counts(pattern: Unstructured, rows: int, cols: int, blocksize: 
 _PANEL = 32  # columns whose eager updates stay inside the panel; one GEMM per panel updates the rest of the block
 
 
+def _quantize_group_(group: torch.Tensor, group_errors: torch.Tensor, group_pruned: torch.Tensor,
+                     scale: torch.Tensor, coupling: torch.Tensor, grid: torch.Tensor) -> None:
+    """Joint pruning and INT8 rounding of one group (GPTQ's column loop inside SparseGPT's): each column in turn is
+    rounded to its row's grid (zero where pruned), and its scaled error ``(w − q)/U_jj`` is pushed onto the group's
+    later columns at once. Leaves the group's columns on the grid and its errors in ``group_errors``.
+
+    Args:
+        group: (s, rows) the group's compensated columns; group_pruned: (s, rows) bool; scale: (s, 1) ``1/U_jj``;
+        coupling: (s, s) ``U[group, group]``; grid: (rows,) each row's INT8 scale.
+    """
+    for k in range(group.shape[0]):
+        column = group[k]
+        rounded = torch.round(column / grid).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).mul_(grid).masked_fill_(
+            group_pruned[k], 0.0)
+        torch.mul(column - rounded, scale[k], out=group_errors[k])
+        column.copy_(rounded)
+        if k + 1 < group.shape[0]:
+            group[k + 1:].addr_(coupling[k, k + 1:], group_errors[k], alpha=-1)
+
+
 def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: torch.Tensor,
-                      pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      pattern: Pattern, grid: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseGPT's column sweep over one block: choose each N:M group's mask from the compensated weights (or use
     the given unstructured ``mask``), and push every pruned weight's error onto the block's later columns.
 
@@ -182,6 +205,9 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
     columns, so it stops after as many terms as a row prunes in the group (2 for 2:4): a tiny GEMM per term instead of
     a loop over the columns. One GEMM then updates the group's own kept columns and the rest of its panel of
     ``_PANEL`` columns, and one per panel the rest of the block. Works on transposed copies (columns contiguous).
+
+    With ``grid`` (rows,), the INT8 scale of each row, kept weights are rounded too and every column's rounding
+    error is compensated as well (:func:`_quantize_group_`): the closed form no longer applies, the group is a loop.
     """
     columns = w_block.T.contiguous()  # (b, rows)
     pruned = mask.T.contiguous()  # (b, rows)
@@ -200,6 +226,11 @@ def _compensate_block(w_block: torch.Tensor, hinv_block: torch.Tensor, mask: tor
             if isinstance(pattern, NMPattern):  # lowest |w| / U_jj within the group, per row
                 drop = (group * scale).abs_().topk(pattern.n_pruned, dim=0, largest=False).indices
                 group_pruned.scatter_(0, drop, True)
+            if grid is not None:
+                _quantize_group_(group, group_errors, group_pruned, scale, hinv_block[sub:end, sub:end], grid)
+                if end < panel_end:
+                    columns[end:panel_end].addmm_(hinv_block[sub:end, end:panel_end].T, group_errors, alpha=-1)
+                continue
             factor = group_pruned * scale  # (s, rows) S
             coupling = hinv_block[sub:end, sub:end].triu(1).T  # (s, s) Ũᵀ
             term = torch.mul(group, factor, out=group_errors).clone()  # S ⊙ w
@@ -221,6 +252,7 @@ def sparsegpt_prune(
     max_damping_retries: int = 6,
     dtype: torch.dtype = torch.float32,
     overwrite_hessian: bool = False,
+    weight_scales: torch.Tensor | str | None = None,
 ) -> SolveResult:
     """Prune ``weight`` to ``pattern`` with SparseGPT's adaptive-mask OBS solve.
 
@@ -234,9 +266,13 @@ def sparsegpt_prune(
         dtype: solve precision.
         overwrite_hessian: let the solve modify ``hessian`` in place instead of copying it (saves one
             cols x cols buffer for very wide layers).
+        weight_scales: (rows,) INT8 scales (:mod:`sgfx.quantize`): round every kept weight to its row's grid as
+            its column is visited and compensate that error too (SparseGPT's joint sparsification and
+            quantization; GPTQ when nothing is pruned). ``"solve"``: take them from a first, float sweep on the same
+            factor (each row's largest compensated weight; the original weights' maxima clip the compensated ones).
 
     Returns:
-        SolveResult with the compensated, pruned weight in ``dtype``.
+        SolveResult with the compensated, pruned (and, with ``weight_scales``, rounded) weight in ``dtype``.
     """
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
@@ -249,8 +285,13 @@ def sparsegpt_prune(
     lower, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)  # L
     factor_s = time.perf_counter() - started  # exact on CPU; cholesky_ex's info check synchronises CUDA too
     del hess
-    final, pruned, loss = _sweep(original, lower, pattern, blocksize)
-    return SolveResult(final, pruned, loss, damping, retries, factor_s)
+    if isinstance(weight_scales, str):
+        if weight_scales != "solve":
+            raise ValueError(f"weight_scales must be a tensor, 'solve' or None, got {weight_scales!r}")
+        weight_scales = row_scales(_sweep(original, lower, pattern, blocksize)[0])
+    grid = None if weight_scales is None else weight_scales.to(original.device, dtype)
+    final, pruned, loss = _sweep(original, lower, pattern, blocksize, grid)
+    return SolveResult(final, pruned, loss, damping, retries, factor_s, weight_scales)
 
 
 def _check_blocks(pattern: Pattern, cols: int, blocksize: int) -> None:
@@ -258,9 +299,10 @@ def _check_blocks(pattern: Pattern, cols: int, blocksize: int) -> None:
         raise ValueError(f"columns ({cols}) and blocksize ({blocksize}) must be multiples of M={pattern.m}")
 
 
-def _sweep(original: torch.Tensor, lower: torch.Tensor, pattern: Pattern,
-           blocksize: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The OBS sweep over column blocks, given the factor ``lower`` of the damped, reversed Hessian.
+def _sweep(original: torch.Tensor, lower: torch.Tensor, pattern: Pattern, blocksize: int,
+           grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The OBS sweep over column blocks, given the factor ``lower`` of the damped, reversed Hessian (and, to
+    quantize as well, each row's INT8 scale ``grid``).
 
     Returns (final weights, pruned mask, OBS loss).
     """
@@ -288,8 +330,10 @@ def _sweep(original: torch.Tensor, lower: torch.Tensor, pattern: Pattern,
         if counts is not None and counts[block]:
             scores = (w_block.square() / diag.square()).flatten()
             mask.view(-1)[torch.topk(scores, counts[block], largest=False).indices] = True
-        w_block, errors, mask = _compensate_block(w_block, hinv_block, mask, pattern)
+        w_block, errors, mask = _compensate_block(w_block, hinv_block, mask, pattern, grid)
         loss += errors.square().sum(dtype=torch.float64) / 2
+        if grid is not None:  # exactly q * s: the rounding above left the columns there up to the GEMM's rounding
+            w_block = torch.round(w_block / grid[:, None]).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).mul_(grid[:, None])
         w_block.masked_fill_(mask, 0.0)  # pruned weights are exactly zero
         final[:, start:stop] = w_block
         torch.sub(original[:, start:stop], w_block, out=delta[:, start:stop])

@@ -42,6 +42,7 @@ class LayerRecord:
     uses: int = 1  # graph calls sharing this weight (a head applied per feature level): all calibrate it
     macs: int = 0  # multiply-adds per input image (0: not counted, e.g. inside a leaf module)
     target_errors: dict[str, Any] = field(default_factory=dict)  # per_layer_targets: held-out error of each target
+    quant: dict[str, Any] = field(default_factory=dict)  # quantize="int8": scale buffers, axis, scale range
 
     @property
     def pruned(self) -> bool:
@@ -68,6 +69,8 @@ class SparsityReport:
     refused_submodules: dict[str, str] = field(default_factory=dict)  # submodules="auto": untraceable, with why
     memory: dict[str, Any] = field(default_factory=dict)  # cap, estimate, activation store peaks, bytes spilled
     distributed: dict[str, Any] = field(default_factory=dict)  # world_size and backend when run across processes
+    quantize: str | None = None  # "int8" when weights and activations were quantized
+    quantizers: list[dict[str, Any]] = field(default_factory=list)  # INT8 activation quantizers, in sweep order
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]
@@ -88,15 +91,20 @@ class SparsityReport:
         for r in self.layers:
             note = r.reason if not r.pruned else "; ".join(
                 ([f"damping x10^{r.damping_retries}"] if r.damping_retries else [])
-                + ([f"shared by {r.uses} calls"] if r.uses > 1 else []))
+                + ([f"shared by {r.uses} calls"] if r.uses > 1 else []) + ([r.quant["reason"]] if "reason" in
+                                                                            r.quant else []))
             rows.append([
                 r.name, r.op, "x".join(map(str, r.weight_shape)), r.pattern if r.pruned else "dense",
                 f"{r.sparsity:.1%}", "" if r.rel_error is None else f"{r.rel_error:.2e}",
                 f"{r.hessian_s + r.solve_s:.2f}", note,
-            ])
+            ] + ([_int8_cell(r.quant)] if self.quantize else []))
+        if self.quantize:
+            headers.append("int8 scales: weight (per channel); input; output")
         summary = (
             f"sgfx {self.method} {self.pattern}: {len(self.pruned_layers)}/{len(self.layers)} layers pruned "
             f"in {self.total_s:.1f} s"
+            + (f"; {sum(1 for r in self.layers if 'weight_scale' in r.quant)} layers and {len(self.quantizers)} "
+               f"activations {self.quantize}" if self.quantize else "")
             + (f"; {len(self.bn_reestimated)} BatchNorm statistics re-estimated" if self.bn_reestimated else "")
             + (f"; {len(self.stats_corrected)} layers' output statistics corrected" if self.stats_corrected else "")
             + (f"; channels of {len(self.permuted)} layers permuted" if self.permuted else "")
@@ -116,6 +124,14 @@ class SparsityReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _int8_cell(quant: dict[str, Any]) -> str:
+    if "weight_scale" not in quant:
+        return "float"
+    output = f"{quant['output_scale']:.2e}" if quant.get("output_scale") is not None else "float"
+    return (f"{quant['weight_scale_min']:.1e}..{quant['weight_scale_max']:.1e}; {quant['input_scale']:.2e}; "
+            f"{output}")
 
 
 def attach_report(module: torch.nn.Module, found: SparsityReport) -> None:

@@ -38,6 +38,7 @@ from .layers.paths import set_path
 from .layout import nm_axis, nm_groups, nm_ungroup
 from .config import NMPattern, parse_pattern
 from .passes.attention import attention_core, attention_output
+from .quantize import weight_integers
 from .report import LayerRecord, SparsityReport, attach_report, find_report
 
 __all__ = ["save", "load", "read_pruned", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
@@ -315,6 +316,8 @@ def save(gm: nn.Module, path: str | os.PathLike) -> dict[str, int]:
     graphs = _graphs_to_store(gm)
     report = find_report(gm)
     pruned = {r.weight_name: (r.pattern, nm_axis(r.op)) for r in report.layers if r.pruned} if report else {}
+    int8 = {r.weight_name: {"scale": r.quant["weight_scale"], "axis": r.quant["weight_axis"]}
+            for r in report.layers if r.pruned and "weight_scale" in r.quant} if report else {}
     tensors, entries = {}, {}
     state = dict(gm.named_parameters(remove_duplicate=False))
     state.update(gm.named_buffers(remove_duplicate=False))
@@ -322,6 +325,9 @@ def save(gm: nn.Module, path: str | os.PathLike) -> dict[str, int]:
         tensor = tensor.detach().cpu()
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
                  "parameter": isinstance(state[name], nn.Parameter), "encoding": "dense"}
+        if name in int8:  # stored as its INT8 integers; load multiplies them by the scale buffer again
+            tensor = weight_integers(tensor, state[int8[name]["scale"]].detach().cpu(), int8[name]["axis"])
+            entry["int8"] = int8[name]
         label, axis = pruned.get(name, (None, 1))  # the report's pattern label: "2:4" or "50% unstructured"
         if label is not None and ":" in label and tensor.dim() >= 2:
             pattern = parse_pattern(label)
@@ -378,7 +384,7 @@ def _decode_tensor(name: str, entry: dict, tensors: dict) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or _digest(value) != ref["sha256"]:
             raise SgfxFormatError(f"tensor {name!r} ({part}) is missing or corrupted (checksum mismatch)")
         parts[part] = value
-    shape, dtype = tuple(entry["shape"]), getattr(torch, entry["dtype"])
+    shape, dtype = tuple(entry["shape"]), torch.int8 if "int8" in entry else getattr(torch, entry["dtype"])
     if entry["encoding"] == "nm":
         axis = entry.get("axis", 1)
         if not isinstance(axis, int) or not 0 <= axis < len(shape):
@@ -393,7 +399,26 @@ def _decode_tensor(name: str, entry: dict, tensors: dict) -> torch.Tensor:
     if tuple(tensor.shape) != shape or tensor.dtype != dtype:
         raise SgfxFormatError(
             f"tensor {name!r} decodes to {tuple(tensor.shape)}/{tensor.dtype}, expected {shape}/{dtype}")
+    canonical = torch.empty(shape, dtype=dtype)
+    if tensor.stride() != canonical.stride():  # strides of size-1 dims too: conv kernels pick their path by them
+        tensor = canonical.copy_(tensor)
     return tensor
+
+
+def _dequantize(meta: dict, decoded: dict[str, torch.Tensor]) -> None:
+    """Replace each INT8-stored weight by ``integers * scale`` (the float32 values the model computed with)."""
+    for name, entry in meta["tensors"].items():
+        if "int8" not in entry:
+            continue
+        scale = decoded.get(entry["int8"].get("scale"))
+        axis = entry["int8"].get("axis")
+        values = decoded[name]
+        if not isinstance(scale, torch.Tensor) or not isinstance(axis, int) or not 0 <= axis < values.dim() \
+                or scale.numel() != values.shape[axis]:
+            raise SgfxFormatError(f"tensor {name!r}: bad INT8 scale reference {entry['int8']!r}")
+        shape = [1] * values.dim()
+        shape[axis] = -1
+        decoded[name] = (values.float() * scale.float().view(shape)).to(getattr(torch, entry["dtype"]))
 
 
 def _build_graph_module(entry: dict, decoded: dict[str, torch.Tensor], parameters: dict[str, bool]
@@ -426,6 +451,10 @@ def _build_graph_module(entry: dict, decoded: dict[str, torch.Tensor], parameter
         nodes[node_entry["name"]] = graph.create_node(op, target, tuple(args), kwargs, name=node_entry["name"])
     graph.lint()
     gm = torch.fx.GraphModule(root, graph, entry.get("class_name", "GraphModule"))
+    present = {n for n, _ in list(gm.named_parameters()) + list(gm.named_buffers())}
+    for name in decoded.keys() - present:  # tensors no node reads (INT8 weight scales): GraphModule drops them
+        value = nn.Parameter(decoded[name], requires_grad=False) if parameters[name] else decoded[name]
+        set_path(gm, name, value, create=True)
     gm.train(bool(entry.get("training", False)))
     return gm
 
@@ -486,6 +515,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         raise SgfxFormatError(f"{path} was saved from a {meta.get('class_name')}, not a {type(model).__name__}")
     try:
         decoded = {name: _decode_tensor(name, entry, tensors) for name, entry in meta["tensors"].items()}
+        _dequantize(meta, decoded)
         parameters = {name: bool(entry["parameter"]) for name, entry in meta["tensors"].items()}
         if graphs is None:
             result = _build_graph_module({**meta, "training": meta.get("training", False)}, decoded, parameters)
@@ -517,7 +547,10 @@ def read_pruned(path: str | os.PathLike) -> tuple[SparsityReport | None, dict[st
     meta, tensors = _read(path)
     report = _decode_report(meta)
     names = {r.weight_name for r in report.layers if r.pruned} if report else set()
+    names |= {meta["tensors"][n]["int8"]["scale"] for n in names if "int8" in meta["tensors"].get(n, {})}
     try:
-        return report, {name: _decode_tensor(name, meta["tensors"][name], tensors) for name in names}
+        decoded = {name: _decode_tensor(name, meta["tensors"][name], tensors) for name in names}
+        _dequantize({"tensors": {n: meta["tensors"][n] for n in names}}, decoded)
+        return report, decoded
     except KeyError as exc:
         raise SgfxFormatError(f"{path}: malformed sgfx file (no tensor {exc})") from None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sgfx.config import NMPattern, Unstructured
 
 
-def per_column_obs(weight, hessian, pattern, blocksize, percdamp=0.01):
+def per_column_obs(weight, hessian, pattern, blocksize, percdamp=0.01, grid=None):
     """SparseGPT's adaptive-mask OBS, one column at a time, with an explicit inverse Hessian (float64).
 
     The inverse Hessian of the columns not yet visited is kept explicitly: visiting column c removes it by
@@ -21,6 +21,10 @@ def per_column_obs(weight, hessian, pattern, blocksize, percdamp=0.01):
     the paper's Algorithm 1). The mask is chosen from the compensated weights: per group of M columns at its
     first column (N:M), or per block of ``blocksize`` columns (unstructured; block totals rounded so that the
     layer total is exact).
+
+    With ``grid`` (rows,), each row's INT8 scale, a kept weight is rounded to ``clamp(round(w / s), -127, 127) s``
+    when its column is visited and its error moves the row's remaining weights the same way (the paper's joint
+    sparsification and quantization; GPTQ when nothing is pruned).
     """
     w = weight.double().clone()
     h = hessian.double().clone()
@@ -53,6 +57,11 @@ def per_column_obs(weight, hessian, pattern, blocksize, percdamp=0.01):
             if mask[r, c]:
                 w[r, :] -= w[r, c] / diag_at_visit[c] * row_at_visit[c]
                 w[r, c] = 0.0
+            elif grid is not None:
+                s = float(grid[r])
+                q = min(max(round(float(w[r, c]) / s), -127), 127) * s  # Python's round: half to even
+                w[r, :] -= (w[r, c] - q) / diag_at_visit[c] * row_at_visit[c]
+                w[r, c] = q
     return w, mask
 
 
@@ -97,12 +106,16 @@ def unfold_hessian(inputs, conv):
     return hessian_of(torch.cat(rows))
 
 
-def polygraphy_sparse_tensors(model) -> tuple[set[str], set[str]]:
+def polygraphy_sparse_tensors(model, int8_as_float: bool = False) -> tuple[set[str], set[str]]:
     """NVIDIA Polygraphy's verdict on an ONNX model (``polygraphy inspect sparsity``): the weight initializers it
     considers (Conv/Gemm/MatMul weights with a reduction axis divisible by 4) and those it finds 2:4 sparse.
 
     An independent oracle for ``sgfx.check_onnx_sparsity``: Polygraphy walks the graph and checks each run of four
     with its own element-by-element loop (slow: about 2 s per million weights).
+
+    Polygraphy follows a weight back through ``DequantizeLinear`` to its INT8 initializer but then skips it
+    ("unsupported type: int8"); with ``int8_as_float`` those initializers are handed to it as float32 copies (same
+    values, same zeros), so that its own check runs on them.
     """
     import onnx
     from polygraphy.logger import G_LOGGER
@@ -110,6 +123,14 @@ def polygraphy_sparse_tensors(model) -> tuple[set[str], set[str]]:
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
+    if int8_as_float:
+        from onnx import numpy_helper
+
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        for index, tensor in enumerate(model.graph.initializer):
+            if tensor.data_type == onnx.TensorProto.INT8:
+                values = numpy_helper.to_array(tensor).astype("float32")
+                model.graph.initializer[index].CopyFrom(numpy_helper.from_array(values, tensor.name))
     pruner = SparsityPruner(model)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # it casts float_info.max into the weight dtype

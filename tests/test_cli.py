@@ -330,3 +330,18 @@ def test_max_memory_and_spill_dir_flags(workspace, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("sgfx sparsify: error: sgfx: max_memory=0.00 GB is below the") and "\n" not in err
     assert not (tmp_path / "b.sgfx").exists()
+
+
+def test_sparsify_int8_and_export_qdq(workspace, tmp_path, capsys):
+    """--quantize int8 on a torch.export file (aten convs) and `sgfx export` writing QDQ ONNX from the saved file."""
+    root, _ = workspace
+    out = tmp_path / "int8.sgfx"
+    assert cli.main(["-q", "sparsify", str(root / "tiny.pt2"), "--calib", str(root / "images"), "--size", "16",
+                     "--pattern", "2:4", "--quantize", "int8", "-o", str(out)]) == 0
+    report = sgfx.get_report(sgfx.load(out))
+    assert report.quantize == "int8"
+    assert {r.name for r in report.layers if "weight_scale" in r.quant} == {"conv2.weight", "fc.weight"}
+    capsys.readouterr()
+    assert cli.main(["export", str(out), "-o", str(tmp_path / "int8.onnx"), "--input-shape", "2,3,16,16"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 layers INT8 (QDQ)" in printed and "--int8" in printed and "QLinearConv" in printed

@@ -24,7 +24,7 @@ MAX_FUNCTION_LINES = 60
 # Lower numbers sit lower: a module may import from its own tier or a lower one, never from a higher one.
 TIERS = {
     "sgfx.layout": 0, "sgfx.runtime": 0,
-    "sgfx.config": 1, "sgfx.report": 1,
+    "sgfx.config": 1, "sgfx.report": 1, "sgfx.quantize": 1,
     "sgfx.obs": 2,
     "sgfx.layers": 3,
     "sgfx.passes": 4, "sgfx.check": 4, "sgfx.finetune": 4,

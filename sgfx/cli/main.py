@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a .sgfx model to ONNX for TensorRT and verify its 2:4 layers",
                        description="Export a model saved with sgfx.save to ONNX, check every pruned layer's 2:4 "
                                    "pattern on the exported weights with TensorRT's rules, compare onnxruntime with "
-                                   "PyTorch, and print the trtexec command.")
+                                   "PyTorch, and print the trtexec command (a --quantize int8 model: QDQ ONNX).")
     p.add_argument("model", help="a .sgfx file")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--input-shape", type=_shape, required=True, help="example input shape, e.g. 1,3,224,224")

@@ -19,6 +19,7 @@ from ..config import Pattern, SparsifyConfig
 from ..layers import HessianAccumulator, LayerUnsupported, PrunableLayer
 from ..obs import (FactorizationError, dense_target_weight, error_terms, magnitude_prune, sparsegpt_prune,
                    wanda_prune)
+from ..quantize import quantize_weight, weight_integers, weight_scales as row_scales
 from ..report import LayerRecord
 from ..runtime import distributed
 
@@ -94,11 +95,12 @@ class LayerPruner:
     """
 
     def __init__(self, config: SparsifyConfig, records: dict[str, LayerRecord], callback,
-                 patterns: dict[str, Pattern] | None = None):
+                 patterns: dict[str, Pattern] | None = None, weight_scales: dict[str, torch.Tensor] | None = None):
         self.config = config
         self.records = records
         self.callback = callback
         self.patterns = patterns or {}  # per-layer patterns chosen by an allocation; else config.sparsity
+        self.weight_scales = weight_scales or {}  # quantize="int8": layer name -> its per-channel scale buffer
         self._solved = 0  # layers handled so far: the next one's owner rank
 
     def skip(self, layer: PrunableLayer, reason: str) -> None:
@@ -172,12 +174,19 @@ class LayerPruner:
         return errors["dense"] < errors["plain"]
 
     def _solve(self, layer: PrunableLayer, statistics, matrices: list[torch.Tensor], record: LayerRecord) -> list:
-        """The pruned weights per group (runs on one rank)."""
+        """The pruned (and with INT8, rounded) weights per group (runs on one rank). INT8 scales, one per row of
+        each group, are each row's largest weight after the float solve (a first sweep on the same factor)."""
         config, pattern = self.config, self.pattern(layer)
-        if config.method == "magnitude":
-            return [magnitude_prune(w, pattern) for w in matrices]
-        if config.method == "wanda":
-            return [wanda_prune(w, d, pattern) for w, d in zip(matrices, statistics[0])]
+        quantized = layer.name in self.weight_scales
+        if config.method in ("magnitude", "wanda"):  # no weight update: round to nearest after pruning
+            results = [magnitude_prune(w, pattern) for w in matrices] if config.method == "magnitude" else \
+                [wanda_prune(w, d, pattern) for w, d in zip(matrices, statistics[0])]
+            if quantized:
+                for result in results:
+                    result.scales = row_scales(result.weight)
+                    result.weight = quantize_weight(result.weight, result.scales)
+                self._fill_scales(layer, [r.scales for r in results])
+            return results
         hessians, shifts = statistics
         targets = matrices if shifts is None else [
             dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries)
@@ -185,10 +194,12 @@ class LayerPruner:
         del shifts
         keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forward passes
         results = [
-            sparsegpt_prune(w, h, pattern, config.blocksize, config.percdamp,
-                            config.max_damping_retries, overwrite_hessian=not keep_hessians)
+            sparsegpt_prune(w, h, pattern, config.blocksize, config.percdamp, config.max_damping_retries,
+                            overwrite_hessian=not keep_hessians, weight_scales="solve" if quantized else None)
             for w, h in zip(targets, hessians)
         ]
+        if quantized:
+            self._fill_scales(layer, [r.scales for r in results])
         if keep_hessians:
             record.rel_error = _relative_error_from_hessians(matrices, [r.weight for r in results], hessians)
         record.factor_s = sum(r.factor_s for r in results)
@@ -198,12 +209,28 @@ class LayerPruner:
             logger.warning("%s: Cholesky failed, damping raised x10^%d", layer.name, record.damping_retries)
         return results
 
+    def _fill_scales(self, layer: PrunableLayer, grids: list[torch.Tensor]) -> None:
+        """Write the groups' row scales into the layer's per-output-channel scale buffer (groups in channel order)."""
+        self.weight_scales[layer.name].copy_(torch.cat(grids).to(self.weight_scales[layer.name]))
+
+    def _check_grid(self, layer: PrunableLayer, record: LayerRecord) -> None:
+        """The written-back weight must be exactly on its per-channel grid (the int8 values it exports as)."""
+        scales = self.weight_scales[layer.name]
+        try:
+            weight_integers(layer.weight.detach(), scales, record.quant["weight_axis"])
+        except ValueError as exc:
+            raise LayerUnsupported(f"INT8 write-back failed: {exc}") from None
+        record.quant.update(weight_scale_min=float(scales.min()), weight_scale_max=float(scales.max()))
+
     def _share(self, layer: PrunableLayer, record: LayerRecord, owner: int, failure: str | None) -> str | None:
-        """Across processes: the owner's record (and failure) to every rank, then its pruned weight."""
+        """Across processes: the owner's record (and failure) to every rank, then its pruned weight (and its INT8
+        scales)."""
         fields, failure = distributed.broadcast_object((vars(record).copy(), failure), owner)
         vars(record).update(fields)
         if failure is None:
             distributed.broadcast_tensor(layer.weight.data, owner)
+            if layer.name in self.weight_scales:
+                distributed.broadcast_tensor(self.weight_scales[layer.name], owner)
         return failure
 
     def __call__(self, layer: PrunableLayer, inputs: Sequence[torch.Tensor],
@@ -224,6 +251,8 @@ class LayerPruner:
                     results = self._solve(layer, statistics, matrices, record)
                 del matrices, statistics
                 layer.write_back([r.weight for r in results])
+                if layer.name in self.weight_scales:
+                    self._check_grid(layer, record)
                 record.solve_s = time.perf_counter() - start - record.hessian_s
         except (FactorizationError, LayerUnsupported) as exc:
             failure = f"solve failed: {exc}" if isinstance(exc, FactorizationError) else str(exc)

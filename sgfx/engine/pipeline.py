@@ -22,6 +22,7 @@ from torch.fx.node import Node
 from ..config import SparsifyConfig, Unstructured
 from ..layers import PrunableLayer, find_prunable_layers
 from ..passes import fold_weight_transforms, open_attention, permute_channels, schedule_shared_uses
+from ..passes.quantizers import insert_quantizers
 from ..passes.trace import trace
 from ..report import LayerRecord, SparsityReport, attach_report
 from ..runtime import distributed
@@ -139,11 +140,41 @@ def _allocate(run: Run) -> None:
         record.level = float(run.patterns[layer.name].sparsity) if layer.name in run.patterns else 0.0
 
 
+def _insert_quantizers(run: Run) -> None:
+    """INT8 quantizers for the layers the sweep will prune (calibrated by the sweep itself)."""
+    run.report.quantize = run.config.quantize
+    insert_quantizers(run.gm, run.inventory.to_prune, run.report)
+    for name in run.inventory.inner:  # pruned inside a leaf module, whose graph node is opaque
+        run.inventory.records[name].quant = {"reason": "not quantized: inside a leaf module (no graph node to "
+                                                       "quantize its input at)"}
+    floats = {r.name: r.quant["reason"] for r in run.inventory.records.values() if "reason" in r.quant}
+    if floats:
+        warnings.warn(f"sgfx: {len(floats)} layers to prune stay float (not INT8): "
+                      + "; ".join(f"{k}: {v}" for k, v in list(floats.items())[:3]), UserWarning, stacklevel=6)
+
+
+def _record_quantization(run: Run) -> None:
+    """Each quantized layer's activation scales, from the quantizers the sweep calibrated."""
+    for record in run.inventory.records.values():
+        if "weight_scale" not in record.quant:
+            continue
+        if not record.pruned:
+            record.quant = {"reason": f"not quantized: {record.reason}"}
+            continue
+        for entry in run.report.quantizers:
+            for role in ("input",) * (record.name in entry["readers"]) + ("output",) * (entry["producer"] == record.name):
+                record.quant[f"{role}_scale"], record.quant[f"{role}_buffer"] = entry["scale"], entry["scale_buffer"]
+            if entry["producer"] == record.name:
+                record.quant["output_after_relu"] = entry["after_relu"]
+
+
 def _sweep(run: Run) -> None:
     inventory, store = run.inventory, run.store
     with progress_bar(run.progress, len(inventory.to_prune) + len(inventory.inner), run.on_layer, store) as on_layer:
         prune_sequentially(run.gm, run.batches, inventory.to_prune, run.config, inventory.records, run.report,
                            on_layer, run.patterns, inventory.blocks, store, run.convert)
+    if run.config.quantize is not None:
+        _record_quantization(run)
     stats = store.stats()
     run.report.memory.update(peak_host_activations=stats.peak["host"], peak_device_activations=stats.peak["device"],
                              spilled_bytes=stats.spilled_bytes, peak_disk_bytes=stats.peak_disk_bytes)
@@ -165,6 +196,7 @@ STEPS: tuple[Step, ...] = (
     Step("plan memory", _plan_memory, lambda run: run.has_work),  # before any work: a run that cannot fit stops
     Step("permute channels", _permute, lambda run: run.has_work and run.config.permute_channels),
     Step("allocate patterns", _allocate, lambda run: run.has_work and run.config.allocates),
+    Step("insert INT8 quantizers", _insert_quantizers, lambda run: run.has_work and run.config.quantize is not None),
     Step("sequential sweep", _sweep, lambda run: run.has_work),
 )
 

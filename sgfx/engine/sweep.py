@@ -25,12 +25,15 @@ from torch.fx.node import Node, map_arg
 
 from ..config import Pattern, SparsifyConfig
 from ..layers import PrunableLayer, fetch_tensor
+from ..passes.quantizers import is_quantizer
+from ..quantize import weight_integers
 from ..passes.schedule import is_inplace
 from ..report import LayerRecord, SparsityReport
 from ..runtime.activations import ActivationStore, BatchValues, Concatenated, MappedValues
 from ..runtime.calibration import CalibrationError, node_failure, placeholder_values
 from .bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
 from .layer_step import LayerPruner
+from .quant_calibration import quantizer_hooks
 from .leaf_blocks import LeafBlock, calls_of, execution_order, record_function_inputs, record_inputs
 from .stats_correction import correction_hook, layer_bias, layers_to_correct
 
@@ -54,6 +57,8 @@ class SequentialPruner(torch.fx.Interpreter):
         blocks: optional ``{node: LeafBlock}``: leaf modules whose inner layers are pruned (through ``prune``)
             when the sweep reaches them, before they run.
         store: where the per-batch values live (default: an unbounded store in memory).
+        dense_identity: nodes the dense copy passes its input through unchanged (INT8 quantizers: the dense
+            reference is the float model).
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class SequentialPruner(torch.fx.Interpreter):
         after_node: dict[Node, Callable[[list[Any], list[Any]], list[Any]]] | None = None,
         blocks: dict[Node, LeafBlock] | None = None,
         store: ActivationStore | None = None,
+        dense_identity: set[Node] | None = None,
     ):
         if after_node and dense is None:
             raise ValueError("after_node hooks compare with the dense model: pass dense")
@@ -76,6 +82,7 @@ class SequentialPruner(torch.fx.Interpreter):
         self.before_node = before_node or {}
         self.after_node = after_node or {}
         self.blocks = blocks or {}  # leaf modules whose inner layers are pruned when the node is reached
+        self.dense_identity = dense_identity or set()
         self.dense = None if dense is None else torch.fx.Interpreter(dense)  # runs gm's nodes on dense weights
         self.dense_env: dict[Node, list[Any]] = {}
         self.store = store or ActivationStore(host_bytes=1 << 62)
@@ -197,7 +204,8 @@ class SequentialPruner(torch.fx.Interpreter):
         if n.op != "output":
             outputs = self._new_values(n)
             for index in range(len(self._batches)):
-                outputs.append(self._run_batch(n, index, self.dense))
+                outputs.append(self.dense_env[n.args[0]][index] if n in self.dense_identity
+                               else self._run_batch(n, index, self.dense))
                 self._release_inputs(n, self.dense_env, index)
             self.dense_env[n] = outputs
         for used in self.user_to_last_uses.get(n, []):
@@ -269,6 +277,20 @@ class SequentialPruner(torch.fx.Interpreter):
             raise RuntimeError(f"sgfx: correcting the outputs of node `{n.format_node()}` failed: {exc}") from exc
 
 
+def _scale_on_grid(gm: torch.fx.GraphModule, layer: PrunableLayer, quant: dict, factors: torch.Tensor) -> None:
+    """Scale an INT8 layer's output channels by ``factors`` (statistics correction) keeping its integers: the
+    per-channel scales are multiplied instead, and the weight rewritten as exactly ``integers * scale``."""
+    scales, axis = getattr(gm, quant["weight_scale"]), quant["weight_axis"]
+    integers = weight_integers(layer.weight.detach(), scales, axis)
+    scales.mul_(factors.to(scales).abs())
+    quant.update(weight_scale_min=float(scales.min()), weight_scale_max=float(scales.max()))
+    shape = [1] * integers.dim()
+    shape[axis] = -1
+    sign = torch.where(factors < 0, -1.0, 1.0).to(scales).view(shape)
+    with torch.no_grad():
+        layer.weight.copy_((integers.float() * sign * scales.view(shape)).to(layer.weight.dtype))
+
+
 def correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str,
                       result: SparsityReport) -> dict:
     """Statistics-correction hooks for the pruned layers that may need one (each records itself when applied)."""
@@ -283,7 +305,10 @@ def correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mo
             warnings.warn(f"sgfx: {layer.name}: no bias to correct its statistics through (a functional call "
                           "without a get_attr bias); left uncorrected", UserWarning, stacklevel=3)
             continue
-        hooks[node] = correction_hook(layer.scale_output_channels_, functools.partial(layer_bias, gm, node),
+        record = next((r for r in result.layers if r.name == layer.name), None)
+        scale = layer.scale_output_channels_ if record is None or "weight_scale" not in record.quant else \
+            functools.partial(_scale_on_grid, gm, layer, record.quant)
+        hooks[node] = correction_hook(scale, functools.partial(layer_bias, gm, node),
                                       layer.channel_dim, mode, layer.columns,
                                       functools.partial(result.stats_corrected.append, layer.name))
     return hooks
@@ -295,14 +320,22 @@ def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: d
                        blocks: dict | None = None, store: ActivationStore | None = None,
                        convert: Callable[[Any], Any] | None = None) -> None:
     """Prune ``to_prune`` (and the layers inside the leaf modules ``blocks``) in one sweep over ``batches``, with
-    the remedies ``config`` asks for, in place; activations live in ``store``, batches pass through ``convert``."""
+    the remedies ``config`` asks for, in place; activations live in ``store``, batches pass through ``convert``.
+    With ``quantize="int8"``, the quantizers already in the graph are calibrated as the sweep reaches them and the
+    layers whose records hold a weight-scale buffer are rounded in their solves."""
     hooks, batchnorms = {}, {}
     if config.bn_reestimate is not False:
         batchnorms = batchnorms_after_pruned(gm, set(to_prune))
         hooks = {node: functools.partial(reestimate_batchnorm, bn) for node, bn in batchnorms.items()}
         result.bn_reestimated = [str(node.target) for node in batchnorms]
     corrections = correction_hooks(gm, to_prune, set(batchnorms), config.stats_correction, result)
+    scales, quantizers = {}, set()
+    if config.quantize is not None:
+        hooks.update(quantizer_hooks(gm, result, config.activation_calibration))
+        scales = {r.name: getattr(gm, r.quant["weight_scale"]) for r in records.values() if "weight_scale" in r.quant}
+        quantizers = {node for node in gm.graph.nodes if is_quantizer(node)}
     dense = copy.deepcopy(gm) if config.dense_targets or corrections else None  # the unpruned model, in lockstep
+    pruner = LayerPruner(config, records, on_layer, patterns, scales)
     with torch.no_grad():
-        SequentialPruner(gm, to_prune, LayerPruner(config, records, on_layer, patterns), hooks, dense,
-                         corrections, blocks, store).run_batches(batches, convert)
+        SequentialPruner(gm, to_prune, pruner, hooks, dense, corrections, blocks, store,
+                         quantizers).run_batches(batches, convert)

@@ -32,9 +32,11 @@ from torch import nn
 
 from ..check import count_violations
 from ..layout import NO_SPARSE_DECONVOLUTION, nm_groups, not_accelerated_reason, onnx_nm_axis, onnx_torch_axis
-from ..config import NMPattern, parse_pattern
+from ..config import NMPattern, Unstructured, parse_pattern
 from ..layers import fetch_tensor
+from ..passes.quantizers import strip_quantizers
 from ..report import LayerRecord, SparsityReport, find_report
+from .qdq import QDQError, insert_qdq
 
 __all__ = ["OnnxLayer", "OnnxExportReport", "ExportError", "export_onnx", "check_onnx_sparsity",
            "trtexec_command"]
@@ -43,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 TENSORRT_PATTERN = NMPattern(2, 4)  # the only pattern TensorRT's sparse kernels take
 _INSTALL_HINT = "pip install 'sgfx[onnx]'"
-_FOLLOWED_OPS = ("Cast", "Identity")  # ops a weight may pass through without changing its layout
+_FOLLOWED_OPS = ("Cast", "Identity", "DequantizeLinear")  # ops a weight may pass through keeping its layout (and
+# its zeros: TensorRT reads an INT8 weight's 2:4 from the integers behind its DequantizeLinear)
 _ELIGIBLE = "sparse-eligible"
 _EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a .data file beside the model (protobuf caps files at 2 GB)
 
@@ -85,6 +88,9 @@ class OnnxExportReport:
     parity_note: str = ""
     exporter: str = ""  # "dynamo" (torch.export) or "torchscript"
     fallback_reason: str = ""  # why exporter="auto" fell back to the TorchScript exporter
+    int8_layers: list[str] = field(default_factory=list)  # quantize="int8": the layers written as QDQ
+    onnxruntime_kernels: dict[str, int] = field(default_factory=dict)  # weight-layer ops after onnxruntime's fusions
+    int8_kernel_error: float | None = None  # INT8 files: the same error with onnxruntime's fused INT8 kernels
 
     @property
     def pruned(self) -> list[OnnxLayer]:
@@ -96,7 +102,7 @@ class OnnxExportReport:
 
     @property
     def trtexec(self) -> str:
-        return trtexec_command(self.path, self.dtype)
+        return trtexec_command(self.path, "int8" if self.int8_layers else self.dtype)
 
     def table(self, tablefmt: str = "simple") -> str:
         rows = [[layer.layer or "-", layer.node, layer.op_type, layer.initializer or "(dynamic)",
@@ -106,8 +112,11 @@ class OnnxExportReport:
         parity = (f"max relative error vs PyTorch {self.max_rel_error:.2e} (tolerance {self.parity_tolerance:.2e})"
                   if self.max_rel_error is not None else f"outputs not compared ({self.parity_note})")
         exporter = f"; {self.exporter} exporter" + (f" ({self.fallback_reason})" if self.fallback_reason else "")
+        int8 = f"; {len(self.int8_layers)} layers INT8 (QDQ)" if self.int8_layers else ""
+        kernels = ("; onnxruntime runs " + ", ".join(f"{v} {k}" for k, v in sorted(self.onnxruntime_kernels.items()))
+                   if self.onnxruntime_kernels else "")
         summary = (f"{self.path} ({self.dtype}): {len(self.eligible)}/{len(self.layers)} weight layers "
-                   f"sparse-eligible, {len(self.pruned)} pruned by sgfx; {parity}{exporter}")
+                   f"sparse-eligible, {len(self.pruned)} pruned by sgfx{int8}; {parity}{exporter}{kernels}")
         return f"{summary}\n{tabulate(rows, headers=headers, tablefmt=tablefmt)}\nbuild: {self.trtexec}"
 
     def __str__(self) -> str:
@@ -118,7 +127,8 @@ def trtexec_command(path: str | os.PathLike, dtype: str = "float32") -> str:
     """The ``trtexec`` call that builds a sparse engine from an exported file (``--verbose`` prints TensorRT's
     "(Sparsity) Layers eligible for sparse math" and "picked sparse implementation" lines)."""
     engine = Path(path).with_suffix(".engine")
-    precision = "--stronglyTyped" if dtype in ("float16", "bfloat16") else "--fp16"
+    precision = {"float16": "--stronglyTyped", "bfloat16": "--stronglyTyped", "int8": "--int8 --fp16"}.get(dtype,
+                                                                                                          "--fp16")
     return f"trtexec --onnx={path} {precision} --sparsity=enable --saveEngine={engine} --verbose"
 
 
@@ -322,16 +332,28 @@ def _float32_sensitivity(gm: nn.Module, args: tuple, expected: list[np.ndarray])
     return _max_rel_error(exact, expected)
 
 
-def _parity(gm: nn.Module, args: tuple, path: Path, rtol: float) -> tuple[float, float | None, float]:
-    """(onnxruntime's error against the model, the model's float32 sensitivity, the tolerance used)."""
+def _onnxruntime_outputs(path: Path, args: tuple, optimize: bool = True,
+                         disabled: Sequence[str] = ()) -> list[np.ndarray]:
+    """onnxruntime's (CPU) outputs for ``args``; ``optimize=False`` runs the graph as written, without fusions;
+    ``disabled`` names optimizers to leave out."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise ImportError(f"checking the exported outputs needs onnxruntime: {_INSTALL_HINT} "
                           "(or pass check_outputs=False)") from None
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(disabled))
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-    got = [np.asarray(o, dtype=np.float64) for o in session.run(None, feeds)]
+    return [np.asarray(o, dtype=np.float64) for o in session.run(None, feeds)]
+
+
+def _parity(gm: nn.Module, args: tuple, path: Path, rtol: float,
+            optimize: bool = True) -> tuple[float, float | None, float]:
+    """(onnxruntime's error against the model, the model's float32 sensitivity, the tolerance used)."""
+    got = _onnxruntime_outputs(path, args, optimize)
     with torch.no_grad():
         expected = _leaves(gm(*args))
     sensitivity = _float32_sensitivity(gm, args, expected)
@@ -349,7 +371,15 @@ def _check_parity(result: OnnxExportReport, model: nn.Module, args: tuple, stage
     elif dtype != torch.float32:
         result.parity_note = f"{result.dtype} export: onnxruntime parity is checked on float32 exports"
     else:
-        result.max_rel_error, result.float32_sensitivity, result.parity_tolerance = _parity(model, args, staged, rtol)
+        # an INT8 file is checked as written (each Q/DQ pair computed as the ONNX spec defines it); onnxruntime's
+        # fused INT8 kernels are measured apart (int8_kernel_error): on CPUs without VNNI they saturate
+        quantized = bool(result.int8_layers)
+        result.max_rel_error, result.float32_sensitivity, result.parity_tolerance = _parity(
+            model, args, staged, rtol, optimize=not quantized)
+        if quantized:
+            with torch.no_grad():
+                result.int8_kernel_error = _max_rel_error(_leaves(model(*args)), _onnxruntime_outputs(
+                    staged, args, disabled=ORT_INT8_DISABLED_OPTIMIZERS))
         if not math.isfinite(result.max_rel_error) or result.max_rel_error > result.parity_tolerance:
             sensitivity = "" if result.float32_sensitivity is None else \
                 f"; the model's own float32 outputs are {result.float32_sensitivity:.2e} from float64"
@@ -359,6 +389,59 @@ def _check_parity(result: OnnxExportReport, model: nn.Module, args: tuple, stage
 
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
+# onnxruntime's common-subexpression elimination merges the Q/DQ pairs of two layers that read one tensor (ResNet's
+# downsampling blocks) into one DequantizeLinear with two consumers, which its QDQ fusion then refuses (both convs
+# stay float); without it every quantized conv runs as QLinearConv. Pass these as InferenceSession(...,
+# disabled_optimizers=...).
+ORT_INT8_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
+INT8_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+                "QLinearConvTranspose")
+_FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose", "NchwcConv")
+
+
+def _write_qdq(staged: Path, layers: list[OnnxLayer], report: SparsityReport, model: nn.Module
+               ) -> tuple[list[OnnxLayer], dict[str, np.ndarray], list[str]]:
+    """Rewrite the staged float file into QDQ form (:mod:`sgfx.lowering.qdq`); its layers re-scanned (weights read
+    through their DequantizeLinear), with the sgfx layers matched before, and the layers written as INT8."""
+    onnx, _ = _import_onnx()
+    proto = onnx.load(os.fspath(staged))
+    try:
+        done = insert_qdq(proto, layers, report, model)
+    except (QDQError, ValueError) as exc:
+        raise ExportError(f"INT8 export failed: {exc}") from None
+    missing = [r.name for r in report.layers if "weight_scale" in r.quant and r.name not in done]
+    if missing:
+        raise ExportError(f"INT8 export: no ONNX weight layer holds {missing}")
+    onnx.save(proto, os.fspath(staged))
+    matched = {layer.node: layer for layer in layers}
+    rescanned, nonzeros = _scan(os.fspath(staged))
+    for layer in rescanned:
+        before = matched.get(layer.node)
+        if before is not None:
+            layer.layer, layer.pruned = before.layer, before.pruned
+            layer.reason = before.reason if not layer.eligible or not before.eligible else layer.reason
+    return rescanned, nonzeros, done
+
+
+def onnxruntime_kernels(path: str | os.PathLike) -> dict[str, int]:
+    """How many of each weight-layer op onnxruntime (CPU, its optimizations but ``ORT_INT8_DISABLED_OPTIMIZERS``)
+    runs for the file: its INT8 kernels (``QLinearConv``, ``QGemm``, ...) and float ones (``Conv``, ``FusedConv``,
+    ``Gemm``...)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = os.path.join(scratch, "optimized.onnx")
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(ORT_INT8_DISABLED_OPTIMIZERS))
+        nodes = onnx.load(options.optimized_model_filepath).graph.node
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node.op_type in INT8_KERNELS or node.op_type in _FLOAT_KERNELS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def _export(model: nn.Module, args: tuple, staged: Path, exporter: str, opset_version: int | None,
@@ -387,7 +470,7 @@ def _export(model: nn.Module, args: tuple, staged: Path, exporter: str, opset_ve
 def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.Tensor, path: str | os.PathLike, *,
                 dtype: torch.dtype = torch.float32, opset_version: int | None = None, dynamic_batch: bool = False,
                 check_outputs: bool = True, rtol: float = 1e-4, require_2_4: bool = True,
-                exporter: str = "auto") -> OnnxExportReport:
+                exporter: str = "auto", int8_rtol: float = 1e-3) -> OnnxExportReport:
     """Export a sparsified model to ONNX with ``torch.onnx.export`` and verify its sparsity for TensorRT.
 
     The export uses PyTorch's current exporter (``dynamo=True``, through ``torch.export``) with its optimizer on: it
@@ -443,7 +526,11 @@ def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.T
         raise TypeError("args must be a tensor or a non-empty tuple of tensors (example inputs)")
     path = Path(path)
     _check_destination(path)
-    pattern = _model_pattern(report, require_2_4)
+    quantized = report.quantize is not None
+    if quantized and dtype != torch.float32:
+        raise ValueError(f"an INT8 model ({report.quantize}) exports as float32 QDQ ONNX; got dtype={dtype}")
+    dense_int8 = quantized and report.pattern == str(Unstructured(0.0))  # quantize="int8" with sparsity 0.0
+    pattern = Unstructured(0.0) if dense_int8 else _model_pattern(report, require_2_4)
 
     model = copy.deepcopy(gm).eval().to(dtype=dtype)
     args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
@@ -451,15 +538,21 @@ def export_onnx(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor] | torch.T
     try:
         staged = staging / path.name
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        used, fallback = _export(model, args, staged, exporter, opset_version, dynamic_batch,
+        exported = strip_quantizers(copy.deepcopy(model)) if quantized else model  # QDQ pairs are added below
+        used, fallback = _export(exported, args, staged, exporter, opset_version, dynamic_batch,
                                  weight_bytes >= _EXTERNAL_DATA_BYTES)
         layers, nonzeros = _scan(os.fspath(staged))
         weights = {r.weight_name: fetch_tensor(model, r.weight_name).detach() for r in report.layers if r.pruned}
         _match_layers(layers, report.layers, weights, nonzeros)
+        done = []
+        if quantized:
+            layers, nonzeros, done = _write_qdq(staged, layers, report, model)
         _verify_pruned(layers, report.layers, pattern, path, weights, nonzeros)
         result = OnnxExportReport(os.fspath(path), str(dtype).removeprefix("torch."), layers, exporter=used,
-                                  fallback_reason=fallback)
-        _check_parity(result, model, args, staged, check_outputs, dtype, rtol)
+                                  fallback_reason=fallback, int8_layers=done)
+        if quantized and check_outputs:
+            result.onnxruntime_kernels = onnxruntime_kernels(staged)
+        _check_parity(result, model, args, staged, check_outputs, dtype, int8_rtol if quantized else rtol)
         for item in staging.iterdir():  # the model and any external-data file beside it
             os.replace(item, path.parent / item.name)
     finally:
