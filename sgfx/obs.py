@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import NMPattern, Pattern, Unstructured
-from .quantize import WEIGHT_QMAX, weight_scales as row_scales
+from .quantize import quantize_weight, weight_scales as row_scales
 
 __all__ = [
     "SolveResult", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
@@ -177,8 +177,7 @@ def _quantize_group_(group: torch.Tensor, group_errors: torch.Tensor, group_prun
     """
     for k in range(group.shape[0]):
         column = group[k]
-        rounded = torch.round(column / grid).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).mul_(grid).masked_fill_(
-            group_pruned[k], 0.0)
+        rounded = quantize_weight(column, grid).masked_fill_(group_pruned[k], 0.0)
         torch.mul(column - rounded, scale[k], out=group_errors[k])
         column.copy_(rounded)
         if k + 1 < group.shape[0]:
@@ -333,7 +332,7 @@ def _sweep(original: torch.Tensor, lower: torch.Tensor, pattern: Pattern, blocks
         w_block, errors, mask = _compensate_block(w_block, hinv_block, mask, pattern, grid)
         loss += errors.square().sum(dtype=torch.float64) / 2
         if grid is not None:  # exactly q * s: the rounding above left the columns there up to the GEMM's rounding
-            w_block = torch.round(w_block / grid[:, None]).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).mul_(grid[:, None])
+            w_block = quantize_weight(w_block, grid)
         w_block.masked_fill_(mask, 0.0)  # pruned weights are exactly zero
         final[:, start:stop] = w_block
         torch.sub(original[:, start:stop], w_block, out=delta[:, start:stop])

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = ["QUANTIZE_MODES", "ACTIVATION_METHODS", "WEIGHT_QMAX", "ACT_QMIN", "ACT_QMAX", "weight_scales",
-           "quantize_weight", "weight_integers", "activation_scale", "fake_quantize_activation"]
+           "quantize_weight", "dequantize_weight", "weight_integers", "activation_scale", "fake_quantize_activation"]
 
 QUANTIZE_MODES = ("int8",)  # sparsify(quantize=...): None (float) or one of these
 # how a per-tensor activation scale is calibrated; the first is the default: on the seed models "max" lost no more than
@@ -36,23 +36,32 @@ def weight_scales(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax, torch.ones_like(amax)).clamp_min(_TINY) / WEIGHT_QMAX
 
 
+def _along(scales: torch.Tensor, dims: int, axis: int) -> torch.Tensor:
+    """Per-channel ``scales`` shaped to broadcast along ``axis`` of a ``dims``-dimensional weight."""
+    shape = [1] * dims
+    shape[axis] = -1
+    return scales.view(shape)
+
+
 def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
     """``weight`` rounded to its grid: ``clamp(round(w / s), -127, 127) * s`` with ``s`` broadcast along ``axis``
-    (float32 products; zeros stay zero)."""
-    shape = [1] * weight.dim()
-    shape[axis] = -1
-    s = scales.to(weight.device, torch.float32).view(shape)
-    return torch.round(weight.float() / s).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).mul_(s).to(weight.dtype)
+    (in float32, or float64 for a float64 weight; zeros stay zero)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    s = _along(scales, weight.dim(), axis).to(weight.device, dtype)
+    return torch.round(weight.to(dtype) / s).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).mul_(s).to(weight.dtype)
+
+
+def dequantize_weight(integers: torch.Tensor, scales: torch.Tensor, axis: int = 0,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``integers * s`` (float32 products, as :func:`quantize_weight` makes them) in ``dtype``."""
+    return (integers.float() * _along(scales, integers.dim(), axis).to(integers.device, torch.float32)).to(dtype)
 
 
 def weight_integers(weight: torch.Tensor, scales: torch.Tensor, axis: int = 0) -> torch.Tensor:
     """The int8 values of a weight already on its grid (``quantize_weight``'s output); raises ``ValueError`` if
     ``weight`` is not on it (then it was changed after quantization)."""
-    shape = [1] * weight.dim()
-    shape[axis] = -1
-    s = scales.to(weight.device, torch.float32).view(shape)
-    q = torch.round(weight.float() / s)
-    if q.abs().max() > WEIGHT_QMAX or not torch.equal((q * s).to(weight.dtype), weight):
+    q = torch.round(weight.float() / _along(scales, weight.dim(), axis).to(weight.device, torch.float32))
+    if q.abs().max() > WEIGHT_QMAX or not torch.equal(dequantize_weight(q, scales, axis, weight.dtype), weight):
         raise ValueError("weight is not on its INT8 grid (modified after quantization?)")
     return q.to(torch.int8)
 

@@ -38,7 +38,7 @@ from .layers.paths import set_path
 from .layout import nm_axis, nm_groups, nm_ungroup
 from .config import NMPattern, parse_pattern
 from .passes.attention import attention_core, attention_output
-from .quantize import weight_integers
+from .quantize import dequantize_weight, weight_integers
 from .report import LayerRecord, SparsityReport, attach_report, find_report
 
 __all__ = ["save", "load", "read_pruned", "check_saveable", "SgfxFormatError", "pack_nm", "unpack_nm", "pack_bitmask", "unpack_bitmask"]
@@ -405,9 +405,10 @@ def _decode_tensor(name: str, entry: dict, tensors: dict) -> torch.Tensor:
     return tensor
 
 
-def _dequantize(meta: dict, decoded: dict[str, torch.Tensor]) -> None:
-    """Replace each INT8-stored weight by ``integers * scale`` (the float32 values the model computed with)."""
-    for name, entry in meta["tensors"].items():
+def _dequantize(entries: dict[str, dict], decoded: dict[str, torch.Tensor]) -> None:
+    """Replace each INT8-stored weight among ``entries`` (the file's tensor entries) by ``integers * scale`` (the
+    float32 values the model computed with)."""
+    for name, entry in entries.items():
         if "int8" not in entry:
             continue
         scale = decoded.get(entry["int8"].get("scale"))
@@ -416,9 +417,7 @@ def _dequantize(meta: dict, decoded: dict[str, torch.Tensor]) -> None:
         if not isinstance(scale, torch.Tensor) or not isinstance(axis, int) or not 0 <= axis < values.dim() \
                 or scale.numel() != values.shape[axis]:
             raise SgfxFormatError(f"tensor {name!r}: bad INT8 scale reference {entry['int8']!r}")
-        shape = [1] * values.dim()
-        shape[axis] = -1
-        decoded[name] = (values.float() * scale.float().view(shape)).to(getattr(torch, entry["dtype"]))
+        decoded[name] = dequantize_weight(values, scale, axis, getattr(torch, entry["dtype"]))
 
 
 def _build_graph_module(entry: dict, decoded: dict[str, torch.Tensor], parameters: dict[str, bool]
@@ -515,7 +514,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         raise SgfxFormatError(f"{path} was saved from a {meta.get('class_name')}, not a {type(model).__name__}")
     try:
         decoded = {name: _decode_tensor(name, entry, tensors) for name, entry in meta["tensors"].items()}
-        _dequantize(meta, decoded)
+        _dequantize(meta["tensors"], decoded)
         parameters = {name: bool(entry["parameter"]) for name, entry in meta["tensors"].items()}
         if graphs is None:
             result = _build_graph_module({**meta, "training": meta.get("training", False)}, decoded, parameters)
@@ -550,7 +549,7 @@ def read_pruned(path: str | os.PathLike) -> tuple[SparsityReport | None, dict[st
     names |= {meta["tensors"][n]["int8"]["scale"] for n in names if "int8" in meta["tensors"].get(n, {})}
     try:
         decoded = {name: _decode_tensor(name, meta["tensors"][name], tensors) for name in names}
-        _dequantize({"tensors": {n: meta["tensors"][n] for n in names}}, decoded)
+        _dequantize({n: meta["tensors"][n] for n in names}, decoded)
         return report, decoded
     except KeyError as exc:
         raise SgfxFormatError(f"{path}: malformed sgfx file (no tensor {exc})") from None

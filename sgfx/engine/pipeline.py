@@ -162,10 +162,11 @@ def _record_quantization(run: Run) -> None:
             record.quant = {"reason": f"not quantized: {record.reason}"}
             continue
         for entry in run.report.quantizers:
-            for role in ("input",) * (record.name in entry["readers"]) + ("output",) * (entry["producer"] == record.name):
-                record.quant[f"{role}_scale"], record.quant[f"{role}_buffer"] = entry["scale"], entry["scale_buffer"]
+            if record.name in entry["readers"]:
+                record.quant.update(input_scale=entry["scale"], input_buffer=entry["scale_buffer"])
             if entry["producer"] == record.name:
-                record.quant["output_after_relu"] = entry["after_relu"]
+                record.quant.update(output_scale=entry["scale"], output_buffer=entry["scale_buffer"],
+                                    output_after_relu=entry["after_relu"])
 
 
 def _sweep(run: Run) -> None:

@@ -26,7 +26,7 @@ from torch.fx.node import Node, map_arg
 from ..config import Pattern, SparsifyConfig
 from ..layers import PrunableLayer, fetch_tensor
 from ..passes.quantizers import is_quantizer
-from ..quantize import weight_integers
+from ..quantize import dequantize_weight, weight_integers
 from ..passes.schedule import is_inplace
 from ..report import LayerRecord, SparsityReport
 from ..runtime.activations import ActivationStore, BatchValues, Concatenated, MappedValues
@@ -278,17 +278,15 @@ class SequentialPruner(torch.fx.Interpreter):
 
 
 def _scale_on_grid(gm: torch.fx.GraphModule, layer: PrunableLayer, quant: dict, factors: torch.Tensor) -> None:
-    """Scale an INT8 layer's output channels by ``factors`` (statistics correction) keeping its integers: the
-    per-channel scales are multiplied instead, and the weight rewritten as exactly ``integers * scale``."""
+    """Scale an INT8 layer's output channels by ``factors`` (statistics correction's standard-deviation ratios,
+    non-negative) keeping its integers: the per-channel scales are multiplied instead, and the weight rewritten as
+    exactly ``integers * scale``."""
     scales, axis = getattr(gm, quant["weight_scale"]), quant["weight_axis"]
     integers = weight_integers(layer.weight.detach(), scales, axis)
-    scales.mul_(factors.to(scales).abs())
+    scales.mul_(factors.to(scales))
     quant.update(weight_scale_min=float(scales.min()), weight_scale_max=float(scales.max()))
-    shape = [1] * integers.dim()
-    shape[axis] = -1
-    sign = torch.where(factors < 0, -1.0, 1.0).to(scales).view(shape)
     with torch.no_grad():
-        layer.weight.copy_((integers.float() * sign * scales.view(shape)).to(layer.weight.dtype))
+        layer.weight.copy_(dequantize_weight(integers, scales, axis, layer.weight.dtype))
 
 
 def correction_hooks(gm: torch.fx.GraphModule, to_prune: dict, bn_nodes: set, mode: str,

@@ -275,10 +275,15 @@ def _match_layers(layers: list[OnnxLayer], records: list[LayerRecord], weights: 
                            if tuple(weights[name].shape) == zeros.shape
                            and np.array_equal(weights[name].cpu().numpy() == 0, zeros)), None)
         if record is not None:
-            layer.layer, layer.pruned = record.name, record.pruned
+            _attach(layer, record)
             unclaimed.pop(record.weight_name, None)
-            if not record.pruned and layer.violations and record.reason:  # structural reasons speak for themselves
-                layer.reason += f" (left dense by sgfx: {record.reason})"
+
+
+def _attach(layer: OnnxLayer, record: LayerRecord) -> None:
+    """Mark ``layer`` as holding ``record``'s weight; a layer sgfx left dense says why beside a violation."""
+    layer.layer, layer.pruned = record.name, record.pruned
+    if not record.pruned and layer.violations and record.reason:  # structural reasons speak for themselves
+        layer.reason += f" (left dense by sgfx: {record.reason})"
 
 
 def _verify_pruned(layers: list[OnnxLayer], records: list[LayerRecord], pattern: Any, path: Path,
@@ -413,13 +418,12 @@ def _write_qdq(staged: Path, layers: list[OnnxLayer], report: SparsityReport, mo
     if missing:
         raise ExportError(f"INT8 export: no ONNX weight layer holds {missing}")
     onnx.save(proto, os.fspath(staged))
-    matched = {layer.node: layer for layer in layers}
+    matched = {layer.node: layer.layer for layer in layers if layer.layer}  # node names survive the rewrite
+    records = {r.name: r for r in report.layers}
     rescanned, nonzeros = _scan(os.fspath(staged))
-    for layer in rescanned:
-        before = matched.get(layer.node)
-        if before is not None:
-            layer.layer, layer.pruned = before.layer, before.pruned
-            layer.reason = before.reason if not layer.eligible or not before.eligible else layer.reason
+    for layer in rescanned:  # the verdicts are the rewritten file's, on the INT8 initializers
+        if layer.node in matched:
+            _attach(layer, records[matched[layer.node]])
     return rescanned, nonzeros, done
 
 
