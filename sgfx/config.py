@@ -19,6 +19,7 @@ from typing import Any, Union
 import torch
 
 from .quantize import ACTIVATION_METHODS, QUANTIZE_MODES
+from .runtime.memory_format import MEMORY_FORMATS
 from .runtime.memory import parse_bytes
 __all__ = ["NMPattern", "Unstructured", "Pattern", "parse_pattern", "SparsifyConfig", "build_config", "option_help",
            "METHODS"]
@@ -238,6 +239,11 @@ class SparsifyConfig:
                                            {"kind": "text"})
     spill_dir: str | None = _option(None, "Where activations spill (a temporary directory inside it, removed at the "
                                     "end); ``None``: the system's temporary directory.", {"kind": "text"})
+    memory_format: str = _option(MEMORY_FORMATS[0], 'Memory format of the calibration forward passes: ``"auto"`` '
+                                 "(time one forward of a few images contiguous and channels-last, keep the faster; "
+                                 'the report\'s ``memory_format`` says which), ``"channels_last"`` or '
+                                 '``"contiguous"``. Only the batches change format: the returned model is the same up '
+                                 "to float32 rounding.", {"choices": MEMORY_FORMATS})
 
     def __post_init__(self) -> None:
         for name in ("fold_weight_transforms", "per_layer_targets", "accelerated_only"):  # plain switches
@@ -336,6 +342,8 @@ class SparsifyConfig:
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"unknown quantize {self.quantize!r}; accepted: None (float), "
                              + ", ".join(map(repr, QUANTIZE_MODES)))
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory_format {self.memory_format!r}; accepted: " + ", ".join(MEMORY_FORMATS))
         if self.activation_calibration not in ACTIVATION_METHODS:
             raise ValueError(f"unknown activation_calibration {self.activation_calibration!r}; accepted: "
                              + ", ".join(ACTIVATION_METHODS))

@@ -71,6 +71,9 @@ class SparsityReport:
     distributed: dict[str, Any] = field(default_factory=dict)  # world_size and backend when run across processes
     quantize: str | None = None  # "int8" when weights and activations were quantized
     quantizers: list[dict[str, Any]] = field(default_factory=list)  # INT8 activation quantizers, in sweep order
+    memory_format: dict[str, Any] = field(default_factory=dict)  # the sweep's format: chosen, probe_s or reason
+    time_split: dict[str, float] = field(default_factory=dict)  # seconds per phase (sgfx.runtime.timing) + "other"
+    steps_s: dict[str, float] = field(default_factory=dict)  # seconds per pipeline step, in order
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(record) for record in self.layers]
@@ -121,6 +124,13 @@ class SparsityReport:
                + f", search {self.allocation['search_s']:.1f} s" if self.allocation else "")
         )
         return summary + "\n" + tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+    def time_table(self, tablefmt: str = "simple") -> str:
+        """Where the run's time went: seconds and share of the total per phase (largest first)."""
+        total = self.total_s or sum(self.time_split.values()) or 1.0
+        rows = [[name, f"{seconds:.2f}", f"{seconds / total:.1%}"]
+                for name, seconds in sorted(self.time_split.items(), key=lambda item: -item[1])]
+        return tabulate(rows, headers=["phase", "s", "share"], tablefmt=tablefmt)
 
     def __str__(self) -> str:
         return self.table()

@@ -259,6 +259,7 @@ def test_values_mutated_in_place_while_shared_are_never_spilled(tmp_path, pinned
     batches = [torch.randn(3, 5) for _ in range(3)]
     store = ActivationStore(host_bytes=1, spill_dir=str(tmp_path))  # everything that may spill does
     pruner = SequentialPruner(gm, {}, prune=lambda *args: None, store=store)
+    pruner._segments = {}  # node by node (as between two hooks); a segment would run all four nodes per batch
     if not pinned:
         pruner._pinned = set()  # what the guard prevents: the in-place add would change a spilled copy only
     outputs = pruner.run_batches(batches)
@@ -266,3 +267,26 @@ def test_values_mutated_in_place_while_shared_are_never_spilled(tmp_path, pinned
     assert store.spilled_bytes > 0
     assert all(torch.equal(o, e) for o, e in zip(outputs, expected)) == pinned
     store.close()
+
+
+def test_a_segment_runs_values_mutated_in_place_per_batch_and_stores_only_what_crosses_it(tmp_path):
+    from sgfx.engine.sweep import SequentialPruner
+
+    gm = sgfx.passes.trace.trace(_MutatedWhileShared())
+    batches = [torch.randn(3, 5) for _ in range(3)]
+    store = ActivationStore(host_bytes=1, spill_dir=str(tmp_path))
+    pruner = SequentialPruner(gm, {}, prune=lambda *args: None, store=store)
+    assert [[n.name for n in nodes] for nodes in pruner._segments.values()] == [["sin", "mul", "add_", "add"]]
+    pruner._pinned = set()  # no guard needed: nothing inside the segment is stored
+    outputs = pruner.run_batches(batches)
+    expected = [_MutatedWhileShared()(b.clone()) for b in batches]
+    assert all(torch.equal(o, e) for o, e in zip(outputs, expected))
+    # only the segment's last value entered the store (and the output node's list of it)
+    assert store.spilled_bytes == 2 * sum(e.nbytes for e in expected)
+    store.close()
+    node_by_node = ActivationStore(host_bytes=1, spill_dir=str(tmp_path))
+    pruner = SequentialPruner(gm, {}, prune=lambda *args: None, store=node_by_node)
+    pruner._segments = {}
+    pruner.run_batches(batches)
+    assert node_by_node.spilled_bytes > store.spilled_bytes  # mul and the in-place add were stored too
+    node_by_node.close()

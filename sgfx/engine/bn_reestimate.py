@@ -20,6 +20,7 @@ from torch import nn
 from torch.fx.node import Node
 
 from ..runtime import distributed
+from ..runtime.timing import phase
 
 __all__ = ["batchnorms_after_pruned", "reestimate_batchnorm"]
 
@@ -41,6 +42,7 @@ def batchnorms_after_pruned(gm: torch.fx.GraphModule, pruned: set[Node]) -> dict
 
 
 @torch.no_grad()
+@phase("batchnorm re-estimation")
 def reestimate_batchnorm(bn: nn.Module, inputs: list[torch.Tensor]) -> None:
     """Set ``bn``'s running mean / unbiased variance to the statistics of ``inputs`` (per channel, dim 1).
 

@@ -22,12 +22,14 @@ from ..obs import (FactorizationError, dense_target_weight, error_terms, magnitu
 from ..quantize import quantize_weight, weight_integers, weight_scales as row_scales
 from ..report import LayerRecord
 from ..runtime import distributed
+from ..runtime.timing import phase
 
 __all__ = ["LayerPruner", "dense_target_shifts"]
 
 logger = logging.getLogger(__name__)
 
 
+@phase("layer errors")
 def _relative_error(layer: PrunableLayer, inputs: Sequence[torch.Tensor], dense: torch.Tensor) -> float:
     """‖WX − ŴX‖² / ‖WX‖² over all calibration inputs (the layer's linear map, bias excluded), by forward passes
     (summed over the ranks when calibrating across processes)."""
@@ -49,6 +51,7 @@ def _relative_error_from_hessians(dense: list[torch.Tensor], pruned: list[torch.
     return num / den if den > 0 else 0.0
 
 
+@phase("dense targets")
 def dense_target_shifts(layer: PrunableLayer, inputs: list[torch.Tensor], dense_inputs: list[torch.Tensor],
                          samples: int, device) -> list[torch.Tensor]:
     """``W (A − H) = 2/n Σ (W (x_dense − x)) xᵀ`` per group, (rows/groups, cols) each, over the layer's input vectors.
@@ -68,6 +71,7 @@ def dense_target_shifts(layer: PrunableLayer, inputs: list[torch.Tensor], dense_
     return [distributed.all_reduce_sum(s) * (2.0 / samples) for s in sums]
 
 
+@phase("layer errors")
 def _held_out_error(layer: PrunableLayer, candidate: list[torch.Tensor], inputs: Sequence[torch.Tensor],
                     dense_inputs: Sequence[torch.Tensor], device) -> float:
     """``‖W X_dense − Ŵ X‖² / ‖W X_dense‖²`` on held-out batches, for ``Ŵ`` given in solve layout (the live weight
@@ -112,6 +116,7 @@ class LayerPruner:
         return self.patterns.get(layer.name, self.config.sparsity)
 
     @staticmethod
+    @phase("hessians")
     def _statistics(layer: PrunableLayer, inputs: Sequence[torch.Tensor], device, record: LayerRecord,
                     start: float, diagonal_only: bool = False):
         """Stream the layer's inputs into its Hessians (or their diagonals); records samples, FLOPs and time."""
@@ -173,6 +178,7 @@ class LayerPruner:
         record.target_errors = errors
         return errors["dense"] < errors["plain"]
 
+    @phase("solve")
     def _solve(self, layer: PrunableLayer, statistics, matrices: list[torch.Tensor], record: LayerRecord) -> list:
         """The pruned (and with INT8, rounded) weights per group (runs on one rank). INT8 scales, one per row of
         each group, are each row's largest weight after the float solve (a first sweep on the same factor)."""
@@ -250,7 +256,8 @@ class LayerPruner:
                 with distributed.solve_threads():
                     results = self._solve(layer, statistics, matrices, record)
                 del matrices, statistics
-                layer.write_back([r.weight for r in results])
+                with phase("solve"):
+                    layer.write_back([r.weight for r in results])
                 if layer.name in self.weight_scales:
                     self._check_grid(layer, record)
                 record.solve_s = time.perf_counter() - start - record.hessian_s

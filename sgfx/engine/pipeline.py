@@ -29,6 +29,8 @@ from ..runtime import distributed
 from ..runtime.activations import ActivationStore, MappedValues
 from ..runtime.calibration import calibration_batches, map_tensors
 from ..runtime.memory import current_rss, default_max_memory, plan_memory
+from ..runtime.memory_format import choose_memory_format, to_memory_format
+from ..runtime.timing import phase, timed_run
 from .allocation import layer_costs, plan as plan_allocation
 from .inventory import Inventory, dense_summary, take_inventory
 from .progress import progress_bar
@@ -57,12 +59,14 @@ class Run:
     inventory: Inventory | None = None
     patterns: dict[str, Any] = field(default_factory=dict)  # per-layer patterns chosen by an allocation
     costs: dict[str, Any] | None = None  # weights and multiply-adds per layer (None: not counted)
+    memory_format: str = "contiguous"  # of the batches the steps after "choose memory format" read
 
     def convert(self, batch: Any) -> Any:
         """A batch as the graph takes it: on the compute device, low-precision inputs upcast to float32."""
         device = self.store.compute_device
-        return map_tensors(batch, lambda t: t.to(device, torch.float32) if t.dtype in _LOW_PRECISION
-                           else t.to(device))
+        moved = map_tensors(batch, lambda t: t.to(device, torch.float32) if t.dtype in _LOW_PRECISION
+                            else t.to(device))
+        return to_memory_format(moved, self.memory_format)
 
     @property
     def converted(self) -> MappedValues:
@@ -110,6 +114,12 @@ def _count_macs(run: Run) -> None:
             record.macs = run.costs[record.name].macs
 
 
+def _choose_memory_format(run: Run) -> None:
+    with phase("memory format probe"):
+        run.report.memory_format = choose_memory_format(run.gm, run.batches[0], run.convert, run.config.memory_format)
+    run.memory_format = run.report.memory_format["chosen"]
+
+
 def _plan_memory(run: Run) -> None:
     config, inventory = run.config, run.inventory
     layers = list(inventory.to_prune.values()) + list(inventory.inner.values())
@@ -121,7 +131,8 @@ def _plan_memory(run: Run) -> None:
 
 
 def _permute(run: Run) -> None:
-    permute_channels(run.gm, run.converted, set(run.inventory.to_prune), run.config.sparsity, run.report)
+    with phase("channel permutation"):
+        permute_channels(run.gm, run.converted, set(run.inventory.to_prune), run.config.sparsity, run.report)
 
 
 def _allocate(run: Run) -> None:
@@ -194,6 +205,7 @@ STEPS: tuple[Step, ...] = (
     Step("schedule shared uses", _schedule),
     Step("inventory of every weight", _take_inventory),
     Step("count multiply-adds", _count_macs, lambda run: run.has_work),
+    Step("choose memory format", _choose_memory_format, lambda run: run.has_work),
     Step("plan memory", _plan_memory, lambda run: run.has_work),  # before any work: a run that cannot fit stops
     Step("permute channels", _permute, lambda run: run.has_work and run.config.permute_channels),
     Step("allocate patterns", _allocate, lambda run: run.has_work and run.config.allocates),
@@ -239,14 +251,18 @@ def _run_steps(run: Run) -> None:
     original_dtypes = _upcast_low_precision(gm)
     if original_dtypes:
         logger.info("low-precision model: calibrating and solving in float32, writing back in its dtypes")
-    for step in STEPS:
-        if step.when(run):
-            begun = time.perf_counter()
-            step.run(run)
-            logger.debug("step %s: %.2f s", step.name, time.perf_counter() - begun)
+    with timed_run() as split:
+        for step in STEPS:
+            if step.when(run):
+                begun = time.perf_counter()
+                step.run(run)
+                run.report.steps_s[step.name] = time.perf_counter() - begun
+                logger.debug("step %s: %.2f s", step.name, run.report.steps_s[step.name])
     _restore_dtypes(gm, original_dtypes)
     gm.train(was_training)
     run.report.total_s = time.perf_counter() - started
+    run.report.time_split = dict(split)
+    run.report.time_split["other"] = max(run.report.total_s - sum(split.values()), 0.0)
     attach_report(gm, run.report)
 
 

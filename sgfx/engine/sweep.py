@@ -8,6 +8,12 @@ reaches a prunable node it first builds the Hessian from the inputs waiting ther
 and only then computes that node's outputs, with the pruned weight, for the nodes after it. Each batch of a value
 is freed as soon as its last user has run on that batch. The values live in an :class:`sgfx.runtime.activations.
 ActivationStore`, which keeps them within a memory budget by spilling those needed furthest ahead to disk.
+
+Segments: the nodes between two that need all batches at once (a prunable layer, a hook such as BatchNorm
+re-estimation or an INT8 quantizer's calibration, a leaf block) run batch by batch as one segment, and only the
+values read after the segment enter the store: a BatchNorm output that only its ReLU reads is never stored for
+every batch (nor written to disk under a memory cap). Each op sees the same inputs as node by node, so the
+results are bit-identical.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ..passes.schedule import is_inplace
 from ..report import LayerRecord, SparsityReport
 from ..runtime.activations import ActivationStore, BatchValues, Concatenated, MappedValues
 from ..runtime.calibration import CalibrationError, node_failure, placeholder_values
+from ..runtime.timing import phase
 from .bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
 from .layer_step import LayerPruner
 from .quant_calibration import quantizer_hooks
@@ -99,6 +106,24 @@ class SequentialPruner(torch.fx.Interpreter):
         self._convert: Callable[[Any], Any] = lambda batch: batch
         self._batch_index = 0  # the batch being run, for error messages
         self._placeholders_seen = 0
+        self._segments = self._find_segments(gm)
+
+    def _find_segments(self, gm: torch.fx.GraphModule) -> dict[Node, list[Node]]:
+        """``{first node: nodes}`` of every run of two or more consecutive nodes that can go batch by batch: no
+        prunable use, leaf block, after-hook or dense pass-through among them; a node with a before-hook (which
+        reads its input for every batch) starts a new run."""
+        whole = set(self.layers) | {u for layer in self.layers.values() for u in layer.uses} | set(self.blocks) \
+            | set(self.after_node) | self.dense_identity
+        runs, current = [], []
+        for node in gm.graph.nodes:
+            streamable = node.op in ("call_module", "call_function", "call_method") and node not in whole
+            if not streamable or node in self.before_node:
+                runs.append(current)
+                current = []
+            if streamable:
+                current.append(node)
+        runs.append(current)
+        return {run[0]: run for run in runs if len(run) > 1}
 
     def run_batches(self, batches: Sequence[Any], convert: Callable[[Any], Any] | None = None) -> list[Any]:
         """Run every batch (a tensor, or a :class:`sgfx.runtime.calibration.CallInputs`) through the graph; returns the
@@ -199,6 +224,7 @@ class SequentialPruner(torch.fx.Interpreter):
         kwargs = map_arg(node.kwargs, lambda n: env[n][index])
         return getattr(runner, node.op)(node.target, args, kwargs)
 
+    @phase("forward (dense)")
     def _run_dense(self, n: Node) -> None:
         """The node's outputs on the unpruned weights; frees dense values whose last use this is."""
         if n.op != "output":
@@ -211,12 +237,55 @@ class SequentialPruner(torch.fx.Interpreter):
         for used in self.user_to_last_uses.get(n, []):
             self.dense_env.pop(used, None)
 
+    @phase("forward (pruned)")
     def _run_all(self, n: Node) -> BatchValues:
         outputs = self._new_values(n)
         for index in range(len(self._batches)):
             outputs.append(self._run_batch(n, index))
             self._release_inputs(n, self.env, index)
         return outputs
+
+    def _stream(self, nodes: list[Node], runner: torch.fx.Interpreter, env: dict) -> dict[Node, Any]:
+        """Run the segment ``nodes`` batch by batch on ``runner`` (reading ``env``); returns each node's value: the
+        store's entries for values read after the segment, ``None`` for values only the segment reads."""
+        inside = set(nodes)
+        results = {m: self._new_values(m) if any(u not in inside for u in m.users) else None for m in nodes}
+        outside_last = [v for m in nodes for v in self.user_to_last_uses.get(m, []) if v not in inside]
+        for index in range(len(self._batches)):
+            local: dict[Node, Any] = {}
+            fetch = lambda a: local[a] if a in local else env[a][index]  # noqa: E731
+            for m in nodes:
+                self._now, self._batch_index = self._position[m], index
+                try:
+                    local[m] = getattr(runner, m.op)(m.target, map_arg(m.args, fetch), map_arg(m.kwargs, fetch))
+                except Exception as exc:
+                    raise node_failure(m, self._batches[index], exc, index) from exc
+                if results[m] is not None:
+                    results[m].append(local[m])
+                for used in self.user_to_last_uses.get(m, []):
+                    local.pop(used, None)
+            for used in outside_last:
+                if isinstance(env.get(used), BatchValues):
+                    env[used].release(index)
+        return results
+
+    def _run_segment(self, nodes: list[Node]) -> Any:
+        """Run a segment (dense copy first); the later nodes' values go straight into the environments, where the
+        interpreter finds them and does not run those nodes again. Returns the first node's value."""
+        tail_last_uses = [v for m in nodes[1:] for v in self.user_to_last_uses.get(m, [])]
+        if self.dense is not None:
+            with phase("forward (dense)"):
+                self.dense_env.update(self._stream(nodes, self.dense, self.dense_env))
+            for used in tail_last_uses + self.user_to_last_uses.get(nodes[0], []):
+                self.dense_env.pop(used, None)
+        with phase("forward (pruned)"):
+            results = self._stream(nodes, self, self.env)
+        self.env.update({m: results[m] for m in nodes[1:]})  # found there: the interpreter skips these nodes
+        inside = set(nodes)
+        for used in tail_last_uses:  # it collects only after the nodes it runs itself (the segment's stay, as None)
+            if used not in inside:
+                self.env.pop(used, None)
+        return results[nodes[0]]
 
     def run_node(self, n: Node) -> Any:
         self._now = self._position[n]
@@ -252,6 +321,8 @@ class SequentialPruner(torch.fx.Interpreter):
         hook = self.before_node.get(n)
         if hook is not None:
             hook(self.env[n.args[0]])
+        if n in self._segments:
+            return self._run_segment(self._segments[n])
         self._batch_index = 0
         try:
             if self.dense is not None:
@@ -265,7 +336,8 @@ class SequentialPruner(torch.fx.Interpreter):
         if after is None:
             return outputs
         try:
-            corrected = after(outputs, self.dense_env[n])
+            with phase("statistics correction"):
+                corrected = after(outputs, self.dense_env[n])
             if corrected is outputs:
                 return outputs
             values = self._new_values(n)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .memory import InsufficientMemory
+from .timing import phase
 
 __all__ = ["ActivationStore", "BatchValues", "MappedValues", "Concatenated", "StoreStats"]
 
@@ -45,24 +46,37 @@ class StoreStats:
     spill_dir: str | None = None
 
 
+def _dense_order(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The dim order in which ``tensor``'s memory is dense (``(0, 2, 3, 1)`` for channels-last), else the plain
+    order: a spilled value comes back in the memory format it went out in."""
+    order = tuple(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
+    return order if tensor.permute(order).is_contiguous() else tuple(range(tensor.dim()))
+
+
 class _Spilled:
-    """A tensor written to a file; read back memory-mapped (copy-on-write)."""
+    """A tensor written to a file (its bytes in its own memory format); read back memory-mapped
+    (copy-on-write)."""
 
-    __slots__ = ("path", "shape", "dtype", "nbytes")
+    __slots__ = ("path", "shape", "dtype", "nbytes", "order")
 
+    @phase("spill I/O")
     def __init__(self, tensor: torch.Tensor, path: str):
-        tensor = tensor.detach().contiguous().cpu()
-        self.path, self.shape, self.dtype, self.nbytes = path, tuple(tensor.shape), tensor.dtype, tensor.nbytes
+        tensor = tensor.detach().cpu()
+        self.order = _dense_order(tensor)
+        stored = tensor.permute(self.order).contiguous()  # a view when the tensor is dense in that order
+        self.path, self.shape, self.dtype, self.nbytes = path, tuple(stored.shape), tensor.dtype, tensor.nbytes
         with open(path, "wb") as handle:
-            handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b"")
+            handle.write(memoryview(stored.reshape(-1).view(torch.uint8).numpy()) if stored.numel() else b"")
 
+    @phase("spill I/O")
     def load(self) -> torch.Tensor:
         numel = 1
         for size in self.shape:
             numel *= size
+        inverse = tuple(sorted(range(len(self.order)), key=self.order.__getitem__))
         if numel == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
-        return torch.from_file(self.path, shared=False, size=numel, dtype=self.dtype).view(self.shape)
+            return torch.empty(self.shape, dtype=self.dtype).permute(inverse)
+        return torch.from_file(self.path, shared=False, size=numel, dtype=self.dtype).view(self.shape).permute(inverse)
 
     def remove(self) -> None:
         try:

@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from .timing import phase
+
 __all__ = ["is_active", "rank", "world_size", "owner", "all_reduce_sum", "all_reduce_count", "broadcast_tensor",
            "broadcast_object", "all_gather", "describe", "solve_threads"]
 
@@ -70,6 +72,7 @@ def _through_backend(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@phase("waiting for ranks")
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the ranks, in place; returns it."""
     if not is_active():
@@ -81,6 +84,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@phase("waiting for ranks")
 def all_reduce_count(count: int | float) -> int | float:
     """Sum a Python number over the ranks (exactly, in float64 or int64)."""
     if not is_active():
@@ -91,6 +95,7 @@ def all_reduce_count(count: int | float) -> int | float:
     return total.item()
 
 
+@phase("waiting for ranks")
 def broadcast_tensor(tensor: torch.Tensor, src: int) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with rank ``src``'s, in place."""
     if not is_active():
@@ -104,6 +109,7 @@ def broadcast_tensor(tensor: torch.Tensor, src: int) -> torch.Tensor:
     return tensor
 
 
+@phase("waiting for ranks")
 def broadcast_object(obj: Any, src: int) -> Any:
     """Rank ``src``'s picklable object, on every rank."""
     if not is_active():
@@ -113,6 +119,7 @@ def broadcast_object(obj: Any, src: int) -> Any:
     return box[0]
 
 
+@phase("waiting for ranks")
 def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (same shape on each), in rank order."""
     if not is_active():

@@ -1,0 +1,141 @@
+"""Where the time goes and the work the sweep saves: the phase split, the memory-format probe, segments."""
+
+import os
+import time
+
+import pytest
+import torch
+
+import sgfx
+import sgfx.runtime.memory as memory
+from sgfx.engine import sweep
+from sgfx.runtime.activations import _Spilled
+from sgfx.runtime.memory_format import MIN_PROBE_S, choose_memory_format, to_memory_format
+from sgfx.runtime.timing import PHASES, phase, timed_run
+from tests.models import ConvBnNet, cifar_resnet18, plain_sparsify, randomize_bn
+from tests.test_memory import _cap_for_spilling
+
+
+def _resnet_and_calib(batches=3):
+    gen = torch.Generator().manual_seed(0)
+    model = randomize_bn(cifar_resnet18(), gen).eval()
+    return model, [torch.randn(16, 3, 32, 32, generator=gen) for _ in range(batches)]
+
+
+# -------------------------------------------------------------------------------------------------- phases
+def test_nested_phases_count_exclusive_time_and_are_free_outside_a_run():
+    with phase("solve"):  # no run: nothing recorded, nothing raised
+        pass
+    with timed_run() as split:
+        with phase("forward (pruned)"):
+            time.sleep(0.05)
+            with phase("hessians"):
+                time.sleep(0.1)
+            time.sleep(0.05)
+    assert set(split) == {"forward (pruned)", "hessians"}
+    assert split["forward (pruned)"] == pytest.approx(0.1, abs=0.03)
+    assert split["hessians"] == pytest.approx(0.1, abs=0.03)
+
+
+def test_the_report_splits_the_run_time_into_the_phases():
+    model, calib = _resnet_and_calib(2)
+    with pytest.warns(UserWarning):
+        gm = sgfx.sparsify(model, calib, "2:4")
+    report = sgfx.get_report(gm)
+    split = report.time_split
+    assert set(split) - {"other"} <= set(PHASES)
+    for name in ("forward (pruned)", "forward (dense)", "hessians", "dense targets", "solve",
+                 "batchnorm re-estimation", "channel permutation", "memory format probe"):
+        assert split[name] > 0, name
+    assert sum(split.values()) == pytest.approx(report.total_s, rel=1e-6)
+    assert split["other"] < 0.3 * report.total_s
+    assert sum(report.steps_s.values()) <= report.total_s
+    assert "forward (pruned)" in report.time_table()
+
+
+# -------------------------------------------------------------------------------------------- memory format
+def test_to_memory_format_changes_only_4d_floating_tensors():
+    batch = {"image": torch.randn(2, 3, 8, 8), "ids": torch.ones(2, 3, 8, 8, dtype=torch.long), "v": torch.randn(4)}
+    moved = to_memory_format(batch, "channels_last")
+    assert moved["image"].is_contiguous(memory_format=torch.channels_last) and not moved["image"].is_contiguous()
+    assert moved["ids"].is_contiguous() and moved["v"] is batch["v"]
+    assert to_memory_format(batch, "contiguous") is batch
+
+
+def test_probe_keeps_a_tiny_model_contiguous_and_records_the_evidence():
+    gm = sgfx.passes.trace.trace(ConvBnNet().eval())
+    found = choose_memory_format(gm, torch.randn(4, 3, 16, 16), lambda b: b)
+    assert found["chosen"] == "contiguous" and found["probe_s"]["contiguous"] < MIN_PROBE_S
+    assert choose_memory_format(gm, torch.randn(4, 3, 16, 16), lambda b: b, "channels_last") == {
+        "chosen": "channels_last", "reason": "requested"}
+    linear = sgfx.passes.trace.trace(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)))
+    assert choose_memory_format(linear, torch.randn(2, 3, 2, 2), lambda b: b)["reason"] == "no 2-D convolution"
+    with pytest.raises(ValueError, match="memory_format"):
+        sgfx.SparsifyConfig("2:4", memory_format="nhwc")
+
+
+def test_channels_last_gives_the_same_masks_and_weights_up_to_rounding():
+    gen = torch.Generator().manual_seed(0)
+    model = randomize_bn(ConvBnNet(), gen).eval()
+    calib = [torch.randn(32, 3, 16, 16, generator=gen) for _ in range(4)]  # well-determined Hessians
+    with pytest.warns(UserWarning):
+        contiguous = plain_sparsify(model, calib, "2:4", memory_format="contiguous")
+    with pytest.warns(UserWarning):
+        channels_last = plain_sparsify(model, calib, "2:4", memory_format="channels_last")
+    assert sgfx.get_report(channels_last).memory_format == {"chosen": "channels_last", "reason": "requested"}
+    for name, weight in contiguous.named_parameters():
+        other = channels_last.get_parameter(name)
+        assert other.is_contiguous(), name  # the returned model is untouched by the format
+        if weight.dim() == 4:  # the convs see channels-last inputs (fc1 has fewer samples than columns: near-tied
+            # masks there flip with any rounding)
+            assert torch.equal(weight == 0, other == 0), name
+            torch.testing.assert_close(other, weight, rtol=1e-4, atol=1e-5, msg=name)
+        assert float((other - weight).norm()) <= 0.1 * float(weight.norm()), name
+
+
+def test_a_spilled_value_comes_back_in_its_memory_format(tmp_path):
+    for tensor in (torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.randn(3, 4).t(),
+                   torch.randn(2, 3), torch.randn(0, 3)):
+        spilled = _Spilled(tensor, os.path.join(tmp_path, "v.bin"))
+        back = spilled.load()
+        assert torch.equal(back, tensor) and back.stride() == tensor.stride()
+
+
+# -------------------------------------------------------------------------------------------------- segments
+@pytest.mark.parametrize("options", [{}, {"quantize": "int8"}, {"method": "wanda"}], ids=["default", "int8", "wanda"])
+def test_segments_give_bit_identical_weights_to_node_by_node(monkeypatch, options):
+    model, calib = _resnet_and_calib(2)
+    with pytest.warns(UserWarning):
+        segmented = sgfx.sparsify(model, calib, "2:4", memory_format="contiguous", **options)
+    monkeypatch.setattr(sweep.SequentialPruner, "_find_segments", lambda self, gm: {})
+    with pytest.warns(UserWarning):
+        node_by_node = sgfx.sparsify(model, calib, "2:4", memory_format="contiguous", **options)
+    for name, tensor in segmented.state_dict().items():
+        assert torch.equal(tensor, node_by_node.state_dict()[name]), name
+
+
+def test_segments_store_fewer_values_under_a_cap(monkeypatch, tmp_path):
+    model, calib = _resnet_and_calib(4)
+    monkeypatch.setattr(memory, "current_rss", lambda: 0)
+    monkeypatch.setattr(sgfx.engine.pipeline, "current_rss", lambda: 0)
+    cap, _ = _cap_for_spilling(model, calib)
+    options = dict(memory_format="contiguous", max_memory=cap, spill_dir=str(tmp_path))
+    with pytest.warns(UserWarning):
+        segmented = sgfx.get_report(sgfx.sparsify(model, calib, "2:4", **options)).memory
+    monkeypatch.setattr(sweep.SequentialPruner, "_find_segments", lambda self, gm: {})
+    with pytest.warns(UserWarning):
+        node_by_node = sgfx.get_report(sgfx.sparsify(model, calib, "2:4", **options)).memory
+    assert node_by_node["spilled_bytes"] > 0
+    assert segmented["spilled_bytes"] < 0.8 * node_by_node["spilled_bytes"]
+
+
+def test_segments_stop_at_prunable_layers_and_hooks():
+    model, calib = _resnet_and_calib(1)
+    gm = sgfx.passes.trace.trace(model)
+    layers = sgfx.layers.find_prunable_layers(gm)
+    hooked = {n: None for n in gm.graph.nodes if n.name == "layer1_0_bn2"}
+    pruner = sweep.SequentialPruner(gm, layers, prune=lambda *args: None, before_node=hooked)
+    runs = [[n.name for n in nodes] for nodes in pruner._segments.values()]
+    assert all(not set(run) & {n.name for n in layers} for run in runs)
+    assert ["layer1_0_bn1", "layer1_0_relu"] in runs
+    assert any(run[0] == "layer1_0_bn2" and "add" in run for run in runs)  # a hooked node starts its run
