@@ -176,7 +176,8 @@ def _child(model_name: str, calib_count: int, random_init: bool = False, default
     return {
         "model": model_name, "calib": calib_count, "weights": "checkpoint" if checkpoint else "random init",
         "config": "default" if default_config else "solver only",
-        "total_s": total, "peak_rss_gb": peak_rss_gb(),
+        "total_s": total, "peak_rss_gb": peak_rss_gb(), "time_split": sgfx.get_report(gm).time_split,
+        "memory_format": sgfx.get_report(gm).memory_format,
         "layers": [{"name": r.name, "shape": r.weight_shape, "samples": r.samples, "hessian_s": r.hessian_s,
                     "hessian_flops": r.hessian_flops, "dense_targets": r.dense_targets,
                     "factor_s": r.factor_s, "solve_s": r.solve_s, "status": r.status} for r in records],
@@ -239,6 +240,9 @@ def part_e2e(machine: dict, model_name: str = "resnet18_cifar", calib_count: int
           f"bound at {gflops:.0f} GFLOP/s = {bound:.1f} s; actual / bound = {result['ratio_to_bound']:.2f}\n"
           f"with symmetric im2col Hessians ({totals['im2col'] / 1e9:.0f} GFLOP) the same work would be bounded by "
           f"{im2col_bound:.1f} s; actual / that bound = {result['ratio_to_im2col_bound']:.2f}")
+    split = sorted(result["time_split"].items(), key=lambda item: -item[1])
+    print(f"where the time went ({result['memory_format'].get('chosen')} forward passes): "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in split if seconds >= 0.05))
     return result
 
 

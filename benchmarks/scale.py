@@ -19,7 +19,8 @@ torch process. Modes:
 
 Printed: wall time, peak RSS, bytes spilled to disk, and the ratio to the executed-FLOP bound computed as
 ``benchmarks/prune_speed.py`` does for ResNet-18 (Hessian Gram products, forward passes of the pruned layers,
-Cholesky factor and OBS updates at the machine's measured GEMM rate).
+Cholesky factor and OBS updates at the machine's measured GEMM rate); then, per run, where its time went (the
+report's ``time_split``: forward passes, Hessians, dense targets, solves, spill I/O, waiting for other ranks).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def child(images: int, cap: str | None, device: str | None, rank: int, world: in
     total = time.perf_counter() - started
     report = sgfx.get_report(gm)
     result = {"images": images, "total_s": total, "peak_rss_gb": peak_rss_gb(), "memory": report.memory,
+              "time_split": report.time_split, "memory_format": report.memory_format,
               "threads": torch.get_num_threads(), "rank": rank, "world": world,
               "layers": [{"name": r.name, "shape": r.weight_shape, "samples": r.samples,
                           "hessian_flops": r.hessian_flops, "dense_targets": r.dense_targets,
@@ -218,6 +220,20 @@ def main() -> None:
     print()
     print(tabulate(rows, headers=["mode", "images", "time s", "peak RSS GB", "spilled GB", "time / FLOP bound",
                                   "note"], tablefmt="github"))
+    print_time_split([r for r in results["runs"] if "time_split" in r])
+
+
+def print_time_split(runs: list[dict]) -> None:
+    """One column per run: seconds per phase (rank 0's across processes), largest phases first."""
+    if not runs:
+        return
+    phases = sorted({p for r in runs for p in r["time_split"]}, key=lambda p: -max(r["time_split"].get(p, 0)
+                                                                                   for r in runs))
+    headers = ["phase"] + [f"{r['mode']} {r['images']}" for r in runs]
+    table = [[p] + [f"{r['time_split'].get(p, 0.0):.1f}" for r in runs] for p in phases]
+    print("\nwhere the time went, s (" + "; ".join(f"{r['mode']} {r['images']}: {r['memory_format'].get('chosen')}"
+                                                for r in runs) + ")")
+    print(tabulate(table, headers=headers, tablefmt="github"))
 
 
 if __name__ == "__main__":
