@@ -170,3 +170,32 @@ def test_modules_called_more_than_once_are_not_permuted(gen):
     x = torch.randn(2, 8, 6, 6, generator=gen)
     pruned = sgfx.sparsify(model, x, "2:4", permute_channels=True, dense_targets=False, stats_correction=False)
     assert sgfx.get_report(pruned).permuted == []
+
+
+@pytest.mark.parametrize("model_fn", [VggLike, lambda: randomize_bn(ConvBnNet(), torch.Generator().manual_seed(3))],
+                         ids=["vgg-like", "conv-bn"])
+def test_permutation_chosen_in_the_sweep_equals_the_pass_before_it(gen, monkeypatch, model_fn):
+    """With dense targets the sweep takes the saliencies from its dense copy (no forward pass of its own) and
+    permutes each producer after it was pruned: the same orders and, up to rounding, the same model as the
+    permutation pass before the sweep."""
+    import sgfx.engine.pipeline as pipeline
+
+    model = model_fn().eval()
+    calib = [torch.randn(32, 3, 16, 16, generator=gen) for _ in range(3)]
+    options = dict(memory_format="contiguous")
+    with pytest.warns(UserWarning):
+        in_sweep = sgfx.sparsify(model, calib, "2:4", **options)
+    monkeypatch.setattr(pipeline, "_permutes_in_sweep", lambda run: False)
+    with pytest.warns(UserWarning):
+        before = sgfx.sparsify(model, calib, "2:4", **options)
+    ours, theirs = sgfx.get_report(in_sweep), sgfx.get_report(before)
+    assert "permute channels" not in ours.steps_s and "permute channels" in theirs.steps_s
+    assert ours.permuted and [p["producer"] for p in ours.permuted] == [p["producer"] for p in theirs.permuted]
+    for mine, other in zip(ours.permuted, theirs.permuted):
+        assert mine["kept_after"] == pytest.approx(other["kept_after"], rel=1e-5), mine["producer"]
+    for name, weight in before.named_parameters():
+        torch.testing.assert_close(in_sweep.get_parameter(name), weight, rtol=1e-3, atol=1e-4, msg=name)
+    assert sgfx.check_pattern(in_sweep, "2:4")
+    x = torch.randn(8, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(in_sweep(x), before(x), rtol=1e-3, atol=1e-4)

@@ -130,6 +130,15 @@ def _plan_memory(run: Run) -> None:
     run.report.memory = plan.entry
 
 
+def _permutes_in_sweep(run: Run) -> bool:
+    """Channel permutation chosen inside the sweep (from the dense copy's values, no forward pass of its own):
+    where that copy runs (dense targets) and nothing before the sweep reads the permuted weights (an allocation)
+    or depends on them (INT8 quantizers and their weight-scale buffers)."""
+    config = run.config
+    return bool(config.permute_channels and config.dense_targets and not config.allocates
+                and config.quantize is None)
+
+
 def _permute(run: Run) -> None:
     with phase("channel permutation"):
         permute_channels(run.gm, run.converted, set(run.inventory.to_prune), run.config.sparsity, run.report)
@@ -184,7 +193,7 @@ def _sweep(run: Run) -> None:
     inventory, store = run.inventory, run.store
     with progress_bar(run.progress, len(inventory.to_prune) + len(inventory.inner), run.on_layer, store) as on_layer:
         prune_sequentially(run.gm, run.batches, inventory.to_prune, run.config, inventory.records, run.report,
-                           on_layer, run.patterns, inventory.blocks, store, run.convert)
+                           on_layer, run.patterns, inventory.blocks, store, run.convert, _permutes_in_sweep(run))
     if run.config.quantize is not None:
         _record_quantization(run)
     stats = store.stats()
@@ -207,7 +216,8 @@ STEPS: tuple[Step, ...] = (
     Step("count multiply-adds", _count_macs, lambda run: run.has_work),
     Step("choose memory format", _choose_memory_format, lambda run: run.has_work),
     Step("plan memory", _plan_memory, lambda run: run.has_work),  # before any work: a run that cannot fit stops
-    Step("permute channels", _permute, lambda run: run.has_work and run.config.permute_channels),
+    Step("permute channels", _permute, lambda run: run.has_work and run.config.permute_channels
+         and not _permutes_in_sweep(run)),
     Step("allocate patterns", _allocate, lambda run: run.has_work and run.config.allocates),
     Step("insert INT8 quantizers", _insert_quantizers, lambda run: run.has_work and run.config.quantize is not None),
     Step("sequential sweep", _sweep, lambda run: run.has_work),

@@ -30,8 +30,11 @@ import torch.fx
 from torch.fx.node import Node, map_arg
 
 from ..config import Pattern, SparsifyConfig
-from ..layers import PrunableLayer, fetch_tensor
+from ..layers import PrunableLayer, fetch_tensor, is_plain_conv
+from ..passes.channel_permutation import (PermutationGroup, apply_order, apply_permutation, channel_square_sums,
+                                          find_permutation_groups, group_saliency, report_groups, search_permutation)
 from ..passes.quantizers import is_quantizer
+from ..runtime import distributed
 from ..quantize import dequantize_weight, weight_integers
 from ..passes.schedule import is_inplace
 from ..report import LayerRecord, SparsityReport
@@ -66,6 +69,10 @@ class SequentialPruner(torch.fx.Interpreter):
         store: where the per-batch values live (default: an unbounded store in memory).
         dense_identity: nodes the dense copy passes its input through unchanged (INT8 quantizers: the dense
             reference is the float model).
+        permutations: channel-permutation groups (needs ``dense``) chosen in the sweep, each when its first
+            consumer is reached: from the dense copy's values there, instead of a forward pass of its own before the
+            sweep (:meth:`_permute`).
+        pattern: the N:M pattern the permutations are chosen for.
     """
 
     def __init__(
@@ -79,9 +86,11 @@ class SequentialPruner(torch.fx.Interpreter):
         blocks: dict[Node, LeafBlock] | None = None,
         store: ActivationStore | None = None,
         dense_identity: set[Node] | None = None,
+        permutations: list[PermutationGroup] | None = None,
+        pattern: Pattern | None = None,
     ):
-        if after_node and dense is None:
-            raise ValueError("after_node hooks compare with the dense model: pass dense")
+        if (after_node or permutations) and dense is None:
+            raise ValueError("after_node hooks and permutations read the dense model: pass dense")
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False  # our own error names the node and the batch
         self.layers = layers
@@ -107,6 +116,9 @@ class SequentialPruner(torch.fx.Interpreter):
         self._batch_index = 0  # the batch being run, for error messages
         self._placeholders_seen = 0
         self._segments = self._find_segments(gm)
+        self.pattern = pattern
+        self.permutations = {c: (index, group) for index, group in enumerate(permutations or [])
+                             for c in group.consumers}
 
     def _find_segments(self, gm: torch.fx.GraphModule) -> dict[Node, list[Node]]:
         """``{first node: nodes}`` of every run of two or more consecutive nodes that can go batch by batch: no
@@ -287,6 +299,61 @@ class SequentialPruner(torch.fx.Interpreter):
                 self.env.pop(used, None)
         return results[nodes[0]]
 
+    def _permute(self, index: int, group: PermutationGroup, reached: Node) -> None:
+        """Choose and apply ``group``'s channel order when the sweep reaches its first consumer ``reached``.
+
+        The saliency needs the consumers' dense input, which the dense copy holds by now: no forward pass of its
+        own. The producer has been pruned and has run by then; reordering its rows (and bias, the BatchNorms
+        between, the consumers' columns) afterwards is exact, and so is reordering the values already computed
+        between them, in both copies.
+        """
+        with phase("channel permutation"):
+            source = group.consumers[0].args[0]
+            source = source if source in self.dense_env else reached.args[0]
+            values = self.dense_env[source]
+            sums = sum(channel_square_sums(self.module, reached, values[i]) for i in range(len(values)))
+            saliency = group_saliency(self.module, group, distributed.all_reduce_sum(sums))
+            order = search_permutation(saliency, self.pattern) if distributed.owner(index) == distributed.rank() \
+                else None
+            order = apply_order(self.module, group, saliency, order, self.pattern, index)
+            apply_permutation(self.dense.module, group, order)
+            region, frontier = set(), [group.producer]
+            while frontier:  # the producer and the per-channel nodes between it and the consumers
+                node = frontier.pop()
+                region.add(node)
+                frontier += [u for u in node.users if u not in region and u not in self.permutations]
+            dim = 1 if is_plain_conv(self.module.get_submodule(group.producer.target)) else -1  # Linear: last
+            for node in region:
+                for env in (self.env, self.dense_env):
+                    if isinstance(env.get(node), BatchValues):
+                        env[node] = self._reordered(node, env[node], order, dim)
+
+    def _reordered(self, node: Node, values: BatchValues, order: torch.Tensor, dim: int) -> BatchValues:
+        """``values`` with their channels (``dim``) in ``order``, in the same memory format."""
+        reordered = self._new_values(node)
+        for index in range(len(values)):
+            value = values[index]
+            moved = value.index_select(dim, order.to(value.device))
+            if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last):
+                moved = moved.contiguous(memory_format=torch.channels_last)
+            reordered.append(moved)
+            values.release(index)
+        return reordered
+
+    def _prune_layer(self, n: Node, layer: PrunableLayer) -> None:
+        """Prune ``layer`` from the inputs of its calls computed by now (and their dense counterparts)."""
+        try:
+            uses = [u for u in (layer.uses or [n]) if u.args[0] in self.env]
+            inputs = Concatenated([self.env[u.args[0]] for u in uses])
+            dense_inputs = Concatenated([self.dense_env[u.args[0]] for u in uses]) if self.dense is not None else None
+            self.prune(layer, inputs, dense_inputs)
+        except ValueError as exc:  # inputs the layer cannot take
+            raise CalibrationError(f"pruning failed at node `{n.format_node()}`: {exc}") from exc
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"sgfx: pruning failed at node `{n.format_node()}`: {exc}") from exc
+
     def run_node(self, n: Node) -> Any:
         self._now = self._position[n]
         if n.op == "placeholder":
@@ -298,20 +365,11 @@ class SequentialPruner(torch.fx.Interpreter):
             if self.dense is not None:
                 self.dense_env[n] = [self.dense.fetch_attr(n.target)] * len(self._batches)
             return [self.fetch_attr(n.target)] * len(self._batches)
-        layer = self.layers.get(n)
-        if layer is not None:
-            try:
-                uses = [u for u in (layer.uses or [n]) if u.args[0] in self.env]  # inputs computed by now
-                inputs = Concatenated([self.env[u.args[0]] for u in uses])
-                dense_inputs = Concatenated([self.dense_env[u.args[0]] for u in uses]) \
-                    if self.dense is not None else None
-                self.prune(layer, inputs, dense_inputs)
-            except ValueError as exc:  # inputs the layer cannot take
-                raise CalibrationError(f"pruning failed at node `{n.format_node()}`: {exc}") from exc
-            except MemoryError:
-                raise
-            except Exception as exc:
-                raise RuntimeError(f"sgfx: pruning failed at node `{n.format_node()}`: {exc}") from exc
+        permutation = self.permutations.get(n)
+        if permutation is not None and permutation[1].permutation is None:
+            self._permute(*permutation, n)
+        if n in self.layers:
+            self._prune_layer(n, self.layers[n])
         block = self.blocks.get(n)
         if block is not None:
             try:
@@ -388,11 +446,12 @@ def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: d
                        config: SparsifyConfig, records: dict[str, LayerRecord], result: SparsityReport,
                        on_layer: Callable[[LayerRecord], None] | None, patterns: dict[str, Pattern],
                        blocks: dict | None = None, store: ActivationStore | None = None,
-                       convert: Callable[[Any], Any] | None = None) -> None:
+                       convert: Callable[[Any], Any] | None = None, permute: bool = False) -> None:
     """Prune ``to_prune`` (and the layers inside the leaf modules ``blocks``) in one sweep over ``batches``, with
     the remedies ``config`` asks for, in place; activations live in ``store``, batches pass through ``convert``.
     With ``quantize="int8"``, the quantizers already in the graph are calibrated as the sweep reaches them and the
-    layers whose records hold a weight-scale buffer are rounded in their solves."""
+    layers whose records hold a weight-scale buffer are rounded in their solves. ``permute``: choose the channel
+    permutations in the sweep (needs dense targets: the dense copy's values give the saliencies)."""
     hooks, batchnorms = {}, {}
     if config.bn_reestimate is not False:
         batchnorms = batchnorms_after_pruned(gm, set(to_prune))
@@ -404,8 +463,10 @@ def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: d
         hooks.update(quantizer_hooks(gm, result, config.activation_calibration))
         scales = {r.name: getattr(gm, r.quant["weight_scale"]) for r in records.values() if "weight_scale" in r.quant}
         quantizers = {node for node in gm.graph.nodes if is_quantizer(node)}
+    groups = find_permutation_groups(gm, set(to_prune), config.sparsity) if permute else []
     dense = copy.deepcopy(gm) if config.dense_targets or corrections else None  # the unpruned model, in lockstep
     pruner = LayerPruner(config, records, on_layer, patterns, scales)
     with torch.no_grad():
         SequentialPruner(gm, to_prune, pruner, hooks, dense, corrections, blocks, store,
-                         quantizers).run_batches(batches, convert)
+                         quantizers, groups, config.sparsity).run_batches(batches, convert)
+    report_groups(result, [g for g in groups if g.permutation is not None])

@@ -39,7 +39,9 @@ from ..runtime import distributed
 from ..runtime.calibration import node_failure, placeholder_values
 
 __all__ = ["PermutationGroup", "find_permutation_groups", "search_permutation", "kept_saliency",
-           "apply_permutation", "permute_channel_groups", "permute_channels"]
+           "apply_permutation", "permute_channel_groups", "permute_channels", "channel_square_sums", "group_saliency",
+           "apply_order",
+           "report_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +277,7 @@ def permute_channel_groups(gm: torch.fx.GraphModule, batches: list[torch.Tensor]
     class _Norms(torch.fx.Interpreter):
         def run_node(self, node: Node):
             if node in wanted:
-                x = self.env[node.args[0]]
-                x = x.movedim(1, -1) if _layer_kind(_module(gm, node)) == "conv" else x
-                sums[node] = sums.get(node, 0) + x.reshape(-1, x.shape[-1]).double().square().sum(0)
+                sums[node] = sums.get(node, 0) + channel_square_sums(gm, node, self.env[node.args[0]])
             try:
                 return super().run_node(node)
             except Exception as exc:
@@ -290,23 +290,50 @@ def permute_channel_groups(gm: torch.fx.GraphModule, batches: list[torch.Tensor]
     for node in gm.graph.nodes:  # across processes: the saliencies of every rank's shard, in graph order
         if node in sums:
             distributed.all_reduce_sum(sums[node])
-    # Every saliency is taken before any group is applied: a group's consumers are permuted only along their input
-    # channels, by that group alone (producers come in graph order), so this equals scoring each group just before
-    # it is applied. Across processes each rank searches the groups it owns and broadcasts the order.
-    saliencies = [torch.cat([_saliency_rows(_module(gm, c).weight, sums[group.consumers[0]].sqrt())
-                             for c in group.consumers]) for group in groups]  # consumers read the same tensor
+    # A group's consumers are permuted only along their input channels, by that group alone (producers come in
+    # graph order), so scoring every group on the saliencies taken before any is applied equals scoring each just
+    # before it is applied. Across processes each rank searches the groups it owns, then the orders are broadcast.
+    saliencies = [group_saliency(gm, group, sums[group.consumers[0]]) for group in groups]
     orders = {index: search_permutation(saliency, pattern, seed=seed) for index, saliency in enumerate(saliencies)
               if distributed.owner(index) == distributed.rank()}
     for index, (group, saliency) in enumerate(zip(groups, saliencies)):
-        order = orders.get(index, torch.empty(saliency.shape[1], dtype=torch.long))
-        order = distributed.broadcast_tensor(order, distributed.owner(index))
-        identity = torch.arange(saliency.shape[1])
-        group.kept_before = kept_saliency(saliency, identity, pattern)
-        group.kept_after = kept_saliency(saliency, order, pattern)
-        apply_permutation(gm, group, order)
-        logger.info("%s: %d channels permuted, N:M-kept saliency %.4f -> %.4f of total", group.name, len(order),
-                    group.kept_before / float(saliency.sum()), group.kept_after / float(saliency.sum()))
+        apply_order(gm, group, saliency, orders.get(index), pattern, index)
     return groups  # parameters changed in place; the graph itself is untouched
+
+
+def channel_square_sums(gm: torch.fx.GraphModule, consumer: Node, x: torch.Tensor) -> torch.Tensor:
+    """Σ x_c² per input channel of ``consumer`` over one batch of its input ``x`` (float64, (C,))."""
+    x = x.movedim(1, -1) if _layer_kind(_module(gm, consumer)) == "conv" else x
+    return x.reshape(-1, x.shape[-1]).double().square().sum(0)
+
+
+def group_saliency(gm: torch.fx.GraphModule, group: PermutationGroup, square_sums: torch.Tensor) -> torch.Tensor:
+    """(rows of all consumers, C) saliency of ``group`` from the squared channel norms of its consumers' (dense)
+    input, summed over every rank's batches (the consumers read the same tensor)."""
+    return torch.cat([_saliency_rows(_module(gm, c).weight, square_sums.sqrt()) for c in group.consumers])
+
+
+def apply_order(gm: torch.fx.GraphModule, group: PermutationGroup, saliency: torch.Tensor,
+                order: torch.Tensor | None, pattern: NMPattern, index: int) -> torch.Tensor:
+    """Apply the order the group's owner rank (``index`` round-robin) found (``order``; None on the other ranks,
+    which receive it) to ``gm``, recording the kept saliency before and after; returns the order."""
+    owner = distributed.owner(index)
+    if order is None:
+        order = torch.empty(saliency.shape[1], dtype=torch.long)
+    order = distributed.broadcast_tensor(order, owner)
+    group.kept_before = kept_saliency(saliency, torch.arange(saliency.shape[1]), pattern)
+    group.kept_after = kept_saliency(saliency, order, pattern)
+    apply_permutation(gm, group, order)
+    logger.info("%s: %d channels permuted, N:M-kept saliency %.4f -> %.4f of total", group.name, len(order),
+                group.kept_before / float(saliency.sum()), group.kept_after / float(saliency.sum()))
+    return order
+
+
+def report_groups(report: SparsityReport, groups: list[PermutationGroup]) -> None:
+    """Add each group (producer, consumers, channels, kept saliency before and after) to ``report.permuted``."""
+    report.permuted += [{"producer": g.name, "consumers": [str(c.target) for c in g.consumers],
+                         "channels": len(g.permutation), "kept_before": g.kept_before, "kept_after": g.kept_after}
+                        for g in groups]
 
 
 def permute_channels(gm: torch.fx.GraphModule, batches: Sequence[Any], pruned: set[Node], pattern: NMPattern,
@@ -317,7 +344,5 @@ def permute_channels(gm: torch.fx.GraphModule, batches: Sequence[Any], pruned: s
     with torch.no_grad():
         groups = permute_channel_groups(gm, batches, pruned, pattern)
     if report is not None:
-        report.permuted += [{"producer": g.name, "consumers": [str(c.target) for c in g.consumers],
-                             "channels": len(g.permutation), "kept_before": g.kept_before, "kept_after": g.kept_after}
-                            for g in groups]
+        report_groups(report, groups)
     return gm

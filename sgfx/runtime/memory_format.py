@@ -1,17 +1,19 @@
 """The memory format the sweep runs its forward passes in, measured per model.
 
 Why: on CPU, oneDNN runs many convolutions markedly faster on channels-last (NHWC) inputs than on contiguous
-(NCHW) ones (ResNet-50's 1x1 convs at 56 px: 1.5-2.7x here, docs/RESULTS.md), but not every model gains: a
-graph full of reshapes or a tiny one may lose to the conversions. So ``"auto"`` times one forward pass of a
-slice of the first calibration batch in each format and runs channels-last unless the probe finds it clearly
-slower (:data:`MARGIN`) or the forward is too short to time (:data:`MIN_PROBE_S`). The thresholds sit far from
-where common CNNs fall (channels-last takes 0.65-0.9 of the contiguous time on ResNets and MobileNets here), so
-that the choice, and with it the float rounding, does not flip between two runs of the same model; within a
-process the first measurement of a graph and input shape is reused (two runs give the same result); across
-processes rank 0's measurement decides for all, so that every rank sums in the same order. Only the calibration batches change
-format (4-D floating tensors): convolutions then produce channels-last outputs and the element-wise ops keep
-them; the weights, and so the returned model, are untouched. Values are the same up to float32 rounding
-(the kernels sum in another order).
+(NCHW) ones (ResNet-50's convs at 224 px: 1.1-2.7x here, the whole forward 1.37x, docs/RESULTS.md), but not every
+model gains: a graph full of reshapes or a tiny one may lose to the conversions. So ``"auto"`` times one forward
+of a slice of the first calibration batch in each format and runs channels-last unless the probe finds it
+clearly slower (:data:`MARGIN`) or the forward is too short to time (:data:`MIN_PROBE_S`).
+
+Reproducibility: the format changes the float rounding. Within a process the first measurement of a graph and
+input shape is reused, so two runs give the same result; across processes rank 0's measurement decides for all.
+Between two separate processes the choice can flip only where both formats are within about 10 % (ResNet-18 at
+32 px measured 1.0x: a flip there costs no time but changes the last bits); ``memory_format="channels_last"`` or
+``"contiguous"`` pins it, and the report's ``memory_format`` says which ran.
+
+Only the calibration batches change format (4-D floating tensors): convolutions then produce channels-last
+outputs and the element-wise ops keep them; the weights, and so the returned model, are untouched.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ PROBE_IMAGES = 8  # images of the first batch timed in each format
 MARGIN = 1.1  # channels-last is kept unless its probe takes more than this times the contiguous one
 MIN_PROBE_S = 0.02  # a contiguous probe shorter than this: the format cannot matter, stay contiguous (and
 # deterministic: timings that short go either way from run to run)
-_REPEATS = 2
-_measured: dict[tuple, dict[str, float] | None] = {}  # (graph code, input shapes, device) -> probe seconds  # the first run of a format builds its kernels: the faster of the repeats counts
+_REPEATS = 2  # the first run of a format builds its kernels: the faster of the repeats counts
+_measured: dict[tuple, dict[str, float] | None] = {}  # (graph code, input shapes/dtypes/devices) -> probe seconds
 
 
 def to_memory_format(batch: Any, memory_format: str) -> Any:
