@@ -203,6 +203,14 @@ class SparsifyConfig:
                                             "producer and its consumers (the function is unchanged) so that N:M "
                                             "groups keep more saliency. N:M only; ``None``: on for N:M patterns.",
                                             {"kind": "bool"})
+    reconstruct: int = _option(0, "Label-free block reconstruction after the sweep: Adam steps per block (a module "
+                               "of the model holding at most four pruned layers), each on one calibration batch, "
+                               "fitting the block's kept weights, biases and BatchNorm affines to the dense model's "
+                               "block outputs from the pruned model's block inputs; a block whose error on the "
+                               "held-out last fifth of the batches does not fall is put back. Masks stay fixed; "
+                               "no labels are read. ``0``: off. The report's ``reconstructed`` lists each block.",
+                               {"kind": "int"})
+    reconstruct_lr: float = _option(1e-4, "Adam's learning rate for ``reconstruct``.", {"kind": "float"})
     allocation: str = _option("uniform", '``"uniform"`` (every layer at ``sparsity``) or ``"global"`` '
                               "(unstructured only: per-layer levels from measured error curves so that exactly "
                               "``sparsity`` of all prunable weights, or FLOPs, is pruned; with "
@@ -314,6 +322,12 @@ class SparsifyConfig:
         if not isinstance(self.stats_correction, str) or self.stats_correction not in STATS_CORRECTIONS:
             raise ValueError(f"unknown stats_correction {self.stats_correction!r}; accepted: None (default), False, "
                              + ", ".join(STATS_CORRECTIONS))
+        if isinstance(self.reconstruct, bool) or not isinstance(self.reconstruct, int) or self.reconstruct < 0:
+            raise ValueError(f"reconstruct must be a non-negative int (Adam steps per block; 0: off), got "
+                             f"{self.reconstruct!r}")
+        if isinstance(self.reconstruct_lr, bool) or not isinstance(self.reconstruct_lr, (int, float)) or not (
+                0 < self.reconstruct_lr < 1):
+            raise ValueError(f"reconstruct_lr must be a float in (0, 1), got {self.reconstruct_lr!r}")
         if self.permute_channels is None:
             self._set("permute_channels", DEFAULT_PERMUTE_CHANNELS and isinstance(self.sparsity, NMPattern))
         if self.permute_channels and not isinstance(self.sparsity, NMPattern):
@@ -353,6 +367,9 @@ class SparsifyConfig:
                                  f"{_ACCEPTED}")
             if self.allocation != "uniform":
                 raise ValueError("sparsity 0.0 (dense INT8) takes no allocation")
+        if self.quantize is not None and self.reconstruct:
+            raise ValueError("reconstruct with quantize='int8' is not supported yet (the fit would have to pass "
+                             "gradients through the fake-quantized activations); use one or the other")
         if self.quantize is not None and self.submodules is not None:
             raise ValueError("quantize='int8' with submodules= is not supported yet (its export path is the whole "
                              "graph's); sparsify the traceable model, or quantize without submodules")

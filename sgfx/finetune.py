@@ -118,7 +118,7 @@ def finetune(model: nn.Module, train_loader: Iterable[Any], epochs: int = 1, *, 
                 inputs = inputs.to(device)
                 targets = None if targets is None else targets.to(device)
                 loss = _loss(student, teacher, inputs, targets, temperature, alpha, distill_loss)
-                _masked_step(optimizer, loss, weights, masks)
+                masked_step(optimizer, loss, weights, masks)
                 if schedule is not None:
                     schedule.step()
                 steps += 1
@@ -162,7 +162,7 @@ def _loss(student: nn.Module, teacher: nn.Module | None, inputs: torch.Tensor, t
     return kd if loss is None else (1 - alpha) * loss + alpha * kd
 
 
-def _masked_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, weights: dict[str, torch.Tensor],
+def masked_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, weights: dict[str, torch.Tensor],
                  masks: dict[str, torch.Tensor]) -> None:
     """One optimizer step in which no pruned weight moves: gradients masked before, weights masked after."""
     optimizer.zero_grad(set_to_none=True)

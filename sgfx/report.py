@@ -60,6 +60,7 @@ class SparsityReport:
     bn_reestimated: list[str] = field(default_factory=list)  # BatchNorms whose statistics were re-estimated
     stats_corrected: list[str] = field(default_factory=list)  # layers whose output statistics were corrected
     permuted: list[dict] = field(default_factory=list)  # channel groups reordered before pruning (producer, ...)
+    reconstructed: dict[str, Any] = field(default_factory=dict)  # reconstruct=: blocks, held-out output errors
     lowering: list[Any] = field(default_factory=list)  # LoweringDecision per layer, once sgfx.lower ran
     allocation: dict[str, Any] = field(default_factory=dict)  # allocation/budget: kind, target, achieved, search_s
     opened_attention: list[str] = field(default_factory=list)  # MultiheadAttention modules opened into projections
@@ -111,6 +112,10 @@ class SparsityReport:
             + (f"; {len(self.bn_reestimated)} BatchNorm statistics re-estimated" if self.bn_reestimated else "")
             + (f"; {len(self.stats_corrected)} layers' output statistics corrected" if self.stats_corrected else "")
             + (f"; channels of {len(self.permuted)} layers permuted" if self.permuted else "")
+            + (f"; {sum(b['kept'] for b in self.reconstructed['blocks'])}/{len(self.reconstructed['blocks'])} "
+               "blocks reconstructed (held-out output error "
+               f"{self.reconstructed['output_error_before']:.3g} -> {self.reconstructed['output_error_after']:.3g}"
+               + ("" if self.reconstructed["kept"] else ", put back") + ")" if self.reconstructed else "")
             + (f"; {len(self.opened_attention)} MultiheadAttention opened" if self.opened_attention else "")
             + (f"; {len(self.folded)} weight transforms folded" if self.folded else "")
             + (f"; {len(self.submodules)} submodules traced" if self.submodules else "")

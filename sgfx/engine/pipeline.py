@@ -27,13 +27,14 @@ from ..passes.trace import trace
 from ..report import LayerRecord, SparsityReport, attach_report
 from ..runtime import distributed
 from ..runtime.activations import ActivationStore, MappedValues
-from ..runtime.calibration import calibration_batches, map_tensors
+from ..runtime.calibration import calibration_batches, map_tensors, placeholder_values
 from ..runtime.memory import current_rss, default_max_memory, plan_memory
 from ..runtime.memory_format import choose_memory_format, to_memory_format
 from ..runtime.timing import phase, timed_run
 from .allocation import layer_costs, plan as plan_allocation
 from .inventory import Inventory, dense_summary, take_inventory
 from .progress import progress_bar
+from .reconstruct import find_blocks, reconstruct_blocks
 from .sweep import prune_sequentially
 
 __all__ = ["Run", "Step", "STEPS", "prune_graph", "sparsify_graph", "new_store"]
@@ -60,6 +61,7 @@ class Run:
     patterns: dict[str, Any] = field(default_factory=dict)  # per-layer patterns chosen by an allocation
     costs: dict[str, Any] | None = None  # weights and multiply-adds per layer (None: not counted)
     memory_format: str = "contiguous"  # of the batches the steps after "choose memory format" read
+    dense: torch.fx.GraphModule | None = None  # the sweep's unpruned copy, kept for block reconstruction
 
     def convert(self, batch: Any) -> Any:
         """A batch as the graph takes it: on the compute device, low-precision inputs upcast to float32."""
@@ -192,13 +194,25 @@ def _record_quantization(run: Run) -> None:
 def _sweep(run: Run) -> None:
     inventory, store = run.inventory, run.store
     with progress_bar(run.progress, len(inventory.to_prune) + len(inventory.inner), run.on_layer, store) as on_layer:
-        prune_sequentially(run.gm, run.batches, inventory.to_prune, run.config, inventory.records, run.report,
-                           on_layer, run.patterns, inventory.blocks, store, run.convert, _permutes_in_sweep(run))
+        run.dense = prune_sequentially(run.gm, run.batches, inventory.to_prune, run.config, inventory.records,
+                                       run.report, on_layer, run.patterns, inventory.blocks, store, run.convert,
+                                       _permutes_in_sweep(run))
     if run.config.quantize is not None:
         _record_quantization(run)
     stats = store.stats()
     run.report.memory.update(peak_host_activations=stats.peak["host"], peak_device_activations=stats.peak["device"],
                              spilled_bytes=stats.spilled_bytes, peak_disk_bytes=stats.peak_disk_bytes)
+
+
+def _reconstruct(run: Run) -> None:
+    """Fit each block to the sweep's dense copy (:mod:`sgfx.engine.reconstruct`), then drop the copy."""
+    graph, dense, run.dense = run.gm.graph, run.dense, None
+    blocks = find_blocks(run.gm, {r.weight_name for r in run.report.pruned_layers})
+    with progress_bar(run.progress, sum(b.fits for b in blocks), None, run.store, "sgfx: reconstructing", "block",
+                      lambda record: record["block"]) as on_block:
+        run.report.reconstructed = reconstruct_blocks(
+            run.gm, dense, blocks, run.batches, run.config.reconstruct, run.config.reconstruct_lr, run.store,
+            lambda batch: placeholder_values(graph, run.convert(batch)), on_block)
 
 
 class Step(NamedTuple):
@@ -221,6 +235,8 @@ STEPS: tuple[Step, ...] = (
     Step("allocate patterns", _allocate, lambda run: run.has_work and run.config.allocates),
     Step("insert INT8 quantizers", _insert_quantizers, lambda run: run.has_work and run.config.quantize is not None),
     Step("sequential sweep", _sweep, lambda run: run.has_work),
+    Step("block reconstruction", _reconstruct, lambda run: run.dense is not None and run.config.reconstruct > 0
+         and bool(run.report.pruned_layers)),
 )
 
 
@@ -282,6 +298,9 @@ def prune_graph(gm: torch.fx.GraphModule, batches: Sequence[Any], config: Sparsi
     """Run :data:`STEPS` on a traced ``gm`` (owned by the caller, modified in place) over validated ``batches``
     (a list, or the calibration batches held by ``store``); attaches the report and returns ``gm``. The sweep runs
     on ``config.device`` (default: the model's device); ``gm`` is returned where it was."""
+    if config.reconstruct and distributed.is_active():
+        raise ValueError("reconstruct is not supported with multi-process calibration yet (each rank would fit its "
+                         "own batches); run it in one process")
     model_device = _model_device(gm)
     compute = config.device or model_device
     own_store = store is None

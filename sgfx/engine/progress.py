@@ -34,19 +34,20 @@ def memory_figure(store: ActivationStore | None) -> str:
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool | None, layers: int, callback, store: ActivationStore | None = None):
-    """Yield the per-layer callback: ``callback``, preceded by a tqdm bar's update (layer name and the memory
-    figure) when :func:`show_progress` says so."""
+def progress_bar(enabled: bool | None, total: int, callback, store: ActivationStore | None = None,
+                 desc: str = "sgfx: pruning", unit: str = "layer", label=lambda record: record.name):
+    """Yield the per-item callback (a layer's record by default): ``callback``, preceded by a tqdm bar's update
+    (``label(record)`` and the memory figure) when :func:`show_progress` says so."""
     if not show_progress(enabled):
         yield callback
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=layers, desc="sgfx: pruning", unit="layer", disable=None, dynamic_ncols=True) as bar:
-        def on_layer(record: LayerRecord) -> None:
-            bar.set_postfix_str(f"{record.name} | {memory_figure(store)}", refresh=False)
+    with tqdm(total=total, desc=desc, unit=unit, disable=None, dynamic_ncols=True) as bar:
+        def on_item(record) -> None:
+            bar.set_postfix_str(f"{label(record)} | {memory_figure(store)}", refresh=False)
             bar.update(1)
             if callback is not None:
                 callback(record)
 
-        yield on_layer
+        yield on_item

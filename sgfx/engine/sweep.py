@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-from torch.fx.node import Node, map_arg
+from torch.fx.node import Node
 
 from ..config import Pattern, SparsifyConfig
 from ..layers import PrunableLayer, fetch_tensor, is_plain_conv
@@ -39,7 +39,7 @@ from ..quantize import dequantize_weight, weight_integers
 from ..passes.schedule import is_inplace
 from ..report import LayerRecord, SparsityReport
 from ..runtime.activations import ActivationStore, BatchValues, Concatenated, MappedValues
-from ..runtime.calibration import CalibrationError, node_failure, placeholder_values
+from ..runtime.calibration import CalibrationError, call_node, node_failure, placeholder_values
 from ..runtime.timing import phase
 from .bn_reestimate import batchnorms_after_pruned, reestimate_batchnorm
 from .layer_step import LayerPruner
@@ -232,9 +232,7 @@ class SequentialPruner(torch.fx.Interpreter):
         self._batch_index = index  # for error messages
         runner = runner or self
         env = self.env if runner is self else self.dense_env
-        args = map_arg(node.args, lambda n: env[n][index])
-        kwargs = map_arg(node.kwargs, lambda n: env[n][index])
-        return getattr(runner, node.op)(node.target, args, kwargs)
+        return call_node(runner, node, lambda n: env[n][index])
 
     @phase("forward (dense)")
     def _run_dense(self, n: Node) -> None:
@@ -269,7 +267,7 @@ class SequentialPruner(torch.fx.Interpreter):
             for m in nodes:
                 self._now, self._batch_index = self._position[m], index
                 try:
-                    local[m] = getattr(runner, m.op)(m.target, map_arg(m.args, fetch), map_arg(m.kwargs, fetch))
+                    local[m] = call_node(runner, m, fetch)
                 except Exception as exc:
                     raise node_failure(m, self._batches[index], exc, index) from exc
                 if results[m] is not None:
@@ -446,12 +444,14 @@ def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: d
                        config: SparsifyConfig, records: dict[str, LayerRecord], result: SparsityReport,
                        on_layer: Callable[[LayerRecord], None] | None, patterns: dict[str, Pattern],
                        blocks: dict | None = None, store: ActivationStore | None = None,
-                       convert: Callable[[Any], Any] | None = None, permute: bool = False) -> None:
+                       convert: Callable[[Any], Any] | None = None,
+                       permute: bool = False) -> torch.fx.GraphModule | None:
     """Prune ``to_prune`` (and the layers inside the leaf modules ``blocks``) in one sweep over ``batches``, with
     the remedies ``config`` asks for, in place; activations live in ``store``, batches pass through ``convert``.
     With ``quantize="int8"``, the quantizers already in the graph are calibrated as the sweep reaches them and the
     layers whose records hold a weight-scale buffer are rounded in their solves. ``permute``: choose the channel
-    permutations in the sweep (needs dense targets: the dense copy's values give the saliencies)."""
+    permutations in the sweep (needs dense targets: the dense copy's values give the saliencies). Returns the dense
+    copy (in the same channel order as ``gm``, for :mod:`sgfx.engine.reconstruct`) when one was made, else None."""
     hooks, batchnorms = {}, {}
     if config.bn_reestimate is not False:
         batchnorms = batchnorms_after_pruned(gm, set(to_prune))
@@ -464,9 +464,11 @@ def prune_sequentially(gm: torch.fx.GraphModule, batches: list[Any], to_prune: d
         scales = {r.name: getattr(gm, r.quant["weight_scale"]) for r in records.values() if "weight_scale" in r.quant}
         quantizers = {node for node in gm.graph.nodes if is_quantizer(node)}
     groups = find_permutation_groups(gm, set(to_prune), config.sparsity) if permute else []
-    dense = copy.deepcopy(gm) if config.dense_targets or corrections else None  # the unpruned model, in lockstep
+    lockstep = bool(config.dense_targets or corrections)  # the unpruned model runs beside the pruned one
+    dense = copy.deepcopy(gm) if lockstep or config.reconstruct else None
     pruner = LayerPruner(config, records, on_layer, patterns, scales)
     with torch.no_grad():
-        SequentialPruner(gm, to_prune, pruner, hooks, dense, corrections, blocks, store,
+        SequentialPruner(gm, to_prune, pruner, hooks, dense if lockstep else None, corrections, blocks, store,
                          quantizers, groups, config.sparsity).run_batches(batches, convert)
     report_groups(result, [g for g in groups if g.permutation is not None])
+    return dense

@@ -18,7 +18,7 @@ import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["CallInputs", "Inputs", "CalibrationError", "calibration_batches", "calibration_items",
-           "placeholder_values", "map_tensors", "tensors_of", "describe", "node_failure"]
+           "placeholder_values", "map_tensors", "tensors_of", "describe", "node_failure", "call_node"]
 
 
 class CalibrationError(ValueError):
@@ -88,6 +88,12 @@ def node_failure(node: torch.fx.Node, batch: Any, exc: Exception, index: int | N
     where = f"on batch {index} " if index is not None else ""
     return CalibrationError(f"calibration failed at node `{node.format_node()}` {where}({describe(batch)}): "
                             f"{type(exc).__name__}: {exc}")
+
+
+def call_node(interpreter: torch.fx.Interpreter, node: torch.fx.Node, fetch: Callable[[torch.fx.Node], Any]) -> Any:
+    """Run one node on ``interpreter``'s module, its input nodes' values read with ``fetch`` (one batch's)."""
+    return getattr(interpreter, node.op)(node.target, torch.fx.node.map_arg(node.args, fetch),
+                                         torch.fx.node.map_arg(node.kwargs, fetch))
 
 
 def placeholder_values(graph: torch.fx.Graph, batch: Any) -> list[Any]:

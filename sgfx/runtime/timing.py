@@ -35,6 +35,7 @@ PHASES = (
     "memory format probe",
     "spill I/O",  # writing activations to disk and mapping them back (reads fault in lazily, inside readers)
     "waiting for ranks",  # collectives: the time a rank waits for the others' statistics or solves
+    "block reconstruction",  # reconstruct=: the Adam steps fitting each block to the dense copy
 )
 
 _active: list | None = None  # [totals dict, stack of [name, started]] while a timed run is going on
