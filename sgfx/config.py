@@ -34,6 +34,8 @@ TARGETS = ("weights", "flops")
 DEFAULT_DENSE_TARGETS = True  # for method="sparsegpt"
 DEFAULT_PERMUTE_CHANNELS = True  # for N:M patterns
 DEFAULT_STATS_CORRECTION = "mean"
+RECONSTRUCT_BLOCK_LAYERS = 4  # reconstruct=: a module of the model is one block when it holds at most this many
+# pruned layers
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _ACCEPTED = (
@@ -204,13 +206,14 @@ class SparsifyConfig:
                                             "groups keep more saliency. N:M only; ``None``: on for N:M patterns.",
                                             {"kind": "bool"})
     reconstruct: int = _option(0, "Label-free block reconstruction after the sweep: Adam steps per block (a module "
-                               "of the model holding at most four pruned layers), each on one calibration batch, "
+                               f"of the model holding at most {RECONSTRUCT_BLOCK_LAYERS} pruned layers), each on one "
+                               "calibration batch, "
                                "fitting the block's kept weights, biases and BatchNorm affines to the dense model's "
                                "block outputs from the pruned model's block inputs; a block whose error on the "
                                "held-out last fifth of the batches does not fall is put back. Masks stay fixed; "
                                "no labels are read. ``0``: off. The report's ``reconstructed`` lists each block.",
                                {"kind": "int"})
-    reconstruct_lr: float = _option(1e-4, "Adam's learning rate for ``reconstruct``.", {"kind": "float"})
+    reconstruct_lr: float = _option(1e-3, "Adam's learning rate for ``reconstruct``.", {"kind": "float"})
     allocation: str = _option("uniform", '``"uniform"`` (every layer at ``sparsity``) or ``"global"`` '
                               "(unstructured only: per-layer levels from measured error curves so that exactly "
                               "``sparsity`` of all prunable weights, or FLOPs, is pruned; with "

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 from torch.fx.node import Node
 
+from ..config import RECONSTRUCT_BLOCK_LAYERS
 from ..finetune import masked_step
 from ..runtime.activations import ActivationStore, BatchValues, MappedValues
 from ..runtime.timing import phase
@@ -36,7 +37,7 @@ __all__ = ["BLOCK_LAYERS", "Block", "find_blocks", "reconstruct_blocks", "held_o
 
 logger = logging.getLogger(__name__)
 
-BLOCK_LAYERS = 4  # a module of the model is one block when it holds at most this many pruned layers
+BLOCK_LAYERS = RECONSTRUCT_BLOCK_LAYERS
 HELD_OUT_FRACTION = 0.2  # of the calibration batches, kept for the check that a block got better
 
 

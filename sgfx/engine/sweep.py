@@ -315,13 +315,8 @@ class SequentialPruner(torch.fx.Interpreter):
                 else None
             order = apply_order(self.module, group, saliency, order, self.pattern, index)
             apply_permutation(self.dense.module, group, order)
-            region, frontier = set(), [group.producer]
-            while frontier:  # the producer and the per-channel nodes between it and the consumers
-                node = frontier.pop()
-                region.add(node)
-                frontier += [u for u in node.users if u not in region and u not in self.permutations]
             dim = 1 if is_plain_conv(self.module.get_submodule(group.producer.target)) else -1  # Linear: last
-            for node in region:
+            for node in [group.producer, *group.channelwise]:  # the values between the producer and consumers
                 for env in (self.env, self.dense_env):
                     if isinstance(env.get(node), BatchValues):
                         env[node] = self._reordered(node, env[node], order, dim)
