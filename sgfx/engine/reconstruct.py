@@ -5,7 +5,7 @@ The one-shot sweep fits every layer on its own (its OBS solve sees one layer's o
 the errors of a block's layers combine through its non-linearities, SE gates and residual adds; on the trained
 MobileNet-style classifier of ``docs/RESULTS.md`` the 2:4 loss was spread over the pointwise convs in that way. In
 the spirit of AdaPrune and BRECQ, this step walks the graph block by block (a block is a module of the model's own
-hierarchy holding at most :data:`BLOCK_LAYERS` pruned layers, found from the trace's ``nn_module_stack``), feeds
+hierarchy holding at most :data:`sgfx.config.RECONSTRUCT_BLOCK_LAYERS` pruned layers, found from the trace's ``nn_module_stack``), feeds
 each block the *pruned* model's values at its inputs (so it also absorbs the error of the blocks before it) and
 adjusts its parameters (the pruned weights on their kept entries only, biases, BatchNorm affines) with Adam to
 match the dense copy's values at its outputs on the calibration inputs. No labels are read.
@@ -33,11 +33,10 @@ from ..runtime.activations import ActivationStore, BatchValues, MappedValues
 from ..runtime.timing import phase
 from ..runtime.calibration import call_node, node_failure
 
-__all__ = ["BLOCK_LAYERS", "Block", "find_blocks", "reconstruct_blocks", "held_out_split"]
+__all__ = ["Block", "find_blocks", "reconstruct_blocks", "held_out_split"]
 
 logger = logging.getLogger(__name__)
 
-BLOCK_LAYERS = RECONSTRUCT_BLOCK_LAYERS
 HELD_OUT_FRACTION = 0.2  # of the calibration batches, kept for the check that a block got better
 
 
@@ -91,7 +90,8 @@ def _node_params(gm: torch.fx.GraphModule, node: Node) -> dict[str, torch.nn.Par
     return {}
 
 
-def find_blocks(gm: torch.fx.GraphModule, pruned_weights: set[str], block_layers: int = BLOCK_LAYERS) -> list[Block]:
+def find_blocks(gm: torch.fx.GraphModule, pruned_weights: set[str],
+                block_layers: int = RECONSTRUCT_BLOCK_LAYERS) -> list[Block]:
     """The graph's nodes (placeholders and output excluded) cut into blocks, in graph order.
 
     A node belongs to its outermost enclosing module that holds at most ``block_layers`` pruned weights; nodes the
@@ -223,7 +223,7 @@ def reconstruct_blocks(gm: torch.fx.GraphModule, dense: torch.fx.GraphModule, bl
             targets = dense_copy.forward(block, outputs)
         if block.fits and steps > 0:
             with phase("block reconstruction"):
-                record = _fit(block, pruned, outputs, targets, fit, held, steps, lr)
+                record = _fit(block, pruned, outputs, targets, fit, held, steps, lr, saved)
             records.append(record)
             logger.info("block %s: held-out error %.3g -> %.3g%s", block.name, record["error_before"],
                         record["error_fitted"], "" if record["kept"] else " (reverted)")
@@ -254,8 +254,9 @@ def reconstruct_blocks(gm: torch.fx.GraphModule, dense: torch.fx.GraphModule, bl
 
 
 def _fit(block: Block, pruned: _Copy, outputs: list[Node], targets: dict[Node, BatchValues], fit: list[int],
-         held: list[int], steps: int, lr: float) -> dict[str, Any]:
-    """Adam on the block's parameters, one fit batch per step; reverted unless the held-out error fell."""
+         held: list[int], steps: int, lr: float, saved: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Adam on the block's parameters, one fit batch per step; put back to ``saved`` (the values before the step,
+    unchanged for this block so far: no parameter is in two blocks) unless the held-out error fell."""
 
     def error(index: int) -> torch.Tensor:
         return _block_loss(pruned.outputs(block, outputs, index), [targets[n][index] for n in outputs])
@@ -265,7 +266,6 @@ def _fit(block: Block, pruned: _Copy, outputs: list[Node], targets: dict[Node, B
             return sum(float(error(index)) for index in held) / len(held)
 
     before = held_error()
-    saved = {name: p.detach().clone() for name, p in block.params.items()}
     trainable = {name: p.requires_grad for name, p in block.params.items()}
     for p in block.params.values():
         p.requires_grad_(True)
