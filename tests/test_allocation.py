@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sgfx
-from models import ConvBnNet, TwoLayer, cifar_resnet18, randomize_bn
+from models import ConvBnNet, TwoLayer, cifar_resnet10, randomize_bn
 from sgfx.engine.allocation import (LayerCost, Sensitivity, allocate, candidate_levels, global_magnitude_levels,
                                    keep_dense)
 from reference import relative_error
@@ -98,7 +98,7 @@ def test_error_curve_matches_full_solves(gen):
 
 @pytest.mark.parametrize("method, target", [("sparsegpt", "weights"), ("magnitude", "flops")])
 def test_global_allocation_end_to_end_meets_the_budget_exactly(gen, method, target):
-    model = randomize_bn(cifar_resnet18() if method == "magnitude" else ConvBnNet(), gen).eval()
+    model = randomize_bn(cifar_resnet10() if method == "magnitude" else ConvBnNet(), gen).eval()
     calib = torch.randn(32, 3, 16, 16, generator=gen).split(16)
     gm = sgfx.sparsify(model, calib, 0.8, allocation="global", target=target, method=method)
     report = sgfx.get_report(gm)

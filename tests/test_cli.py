@@ -1,5 +1,5 @@
-"""The ``sgfx`` command on tiny models and image folders written here: the real entry point in a subprocess for
-the main flows, ``sgfx.cli.main`` in-process for the error cases (same code, no interpreter start each time)."""
+"""The ``sgfx`` command on tiny models and image folders written here: the installed entry point in a subprocess once
+(check), ``sgfx.cli.main`` in-process for everything else (same code, no interpreter start each time)."""
 
 import json
 import shutil
@@ -78,26 +78,25 @@ def run(*args, timeout=300):
 def test_sparsify_report_check_eval_export_through_the_entry_point(workspace, capsys):
     root, model = workspace
     out = root / "tiny.sgfx"
-    done = run("sparsify", root / "tiny.pt2", "--calib", root / "images", "--size", 16, "--pattern", "2:4",
-               "-o", out, "--json")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    assert cli.main(["sparsify", str(root / "tiny.pt2"), "--calib", str(root / "images"), "--size", "16",
+                     "--pattern", "2:4", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["status"]) for r in report["layers"]] == [
         ("conv1.weight", "skipped"), ("conv2.weight", "pruned"), ("fc.weight", "pruned")]  # conv1: 3 channels
-    assert "Traceback" not in done.stderr and out.is_file()
-    assert sgfx.check_pattern(sgfx.load(out), "2:4")
+    assert out.is_file() and sgfx.check_pattern(sgfx.load(out), "2:4")
 
-    failed = run("check", out, "--pattern", "1:4")
+    failed = run("check", out, "--pattern", "1:4")  # the installed console script, its exit status and streams
     assert failed.returncode == 1 and failed.stdout.startswith("FAILED") and "conv2.weight" in failed.stdout
+    assert "Traceback" not in failed.stderr
     assert cli.main(["check", str(out), "--pattern", "2:4"]) == 0
     capsys.readouterr()
     assert cli.main(["report", str(out)]) == 0
     table = capsys.readouterr().out
     assert "conv2.weight" in table and "2:4" in table and "2/3 layers pruned" in table
 
-    evaluated = run("eval", out, "--data", root / "images", "--size", 16, "--dense", root / "tiny.pt2", "--json")
-    assert evaluated.returncode == 0, evaluated.stderr
-    rows = json.loads(evaluated.stdout)
+    assert cli.main(["eval", str(out), "--data", str(root / "images"), "--size", "16", "--dense",
+                     str(root / "tiny.pt2"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     images = ImageSet(root / "images", ImageTransform(16, round(16 / 0.875)))
     expected = {name: topk_correct(m, images.batches(32)) for name, m in (("sparse", sgfx.load(out)), ("dense", model))}
     assert [r["images"] for r in rows] == [12, 12]
@@ -106,9 +105,9 @@ def test_sparsify_report_check_eval_export_through_the_entry_point(workspace, ca
     diff, half = paired_difference(expected["sparse"][1], expected["dense"][1])
     assert rows[0]["top-1 vs dense (95% CI), pp"] == f"{diff:+.2f} ± {half:.2f}"
 
-    exported = run("export", out, "-o", root / "tiny.onnx", "--input-shape", "2,3,16,16")
-    assert exported.returncode == 0, exported.stderr
-    assert "2/3 weight layers sparse-eligible, 2 pruned by sgfx" in exported.stdout and "trtexec --onnx=" in exported.stdout
+    assert cli.main(["export", str(out), "-o", str(root / "tiny.onnx"), "--input-shape", "2,3,16,16"]) == 0
+    exported = capsys.readouterr().out
+    assert "2/3 weight layers sparse-eligible, 2 pruned by sgfx" in exported and "trtexec --onnx=" in exported
     eligible = {layer.initializer for layer in sgfx.check_onnx_sparsity(root / "tiny.onnx") if layer.eligible}
     assert eligible == {"conv2.weight", "fc.weight"}
 
@@ -135,9 +134,9 @@ def test_torchvision_model_with_safetensors_weights(workspace, tmp_path):
     state = torchvision.models.resnet18(num_classes=3).state_dict()
     state["fc.bias"] = torch.full((3,), 7.0)  # a value sparsify leaves alone: proves these weights were loaded
     save_file(state, tmp_path / "w.safetensors")
-    done = run("-q", "sparsify", "torchvision:resnet18", "--num-classes", 3, "--weights", tmp_path / "w.safetensors",
-               "--calib", root / "images", "--images", 6, "--size", 32, "--method", "magnitude", "-o", tmp_path / "r.sgfx")
-    assert done.returncode == 0, done.stderr
+    assert cli.main(["-q", "sparsify", "torchvision:resnet18", "--num-classes", "3", "--weights",
+                     str(tmp_path / "w.safetensors"), "--calib", str(root / "images"), "--images", "6", "--size", "32",
+                     "--method", "magnitude", "-o", str(tmp_path / "r.sgfx")]) == 0
     gm = sgfx.load(tmp_path / "r.sgfx")
     assert torch.equal(gm.fc.bias, torch.full((3,), 7.0))
     assert len(sgfx.get_report(gm).pruned_layers) == 20 and sgfx.check_pattern(gm, "2:4")
@@ -298,6 +297,7 @@ def test_unsaveable_model_fails_before_pruning(workspace, tmp_path, capsys, monk
     assert pruned == [] and not (tmp_path / "u.sgfx").exists()
 
 
+@pytest.mark.slow  # a full-size torchvision detector (about 12 s); test_submodules covers the library on small ones
 def test_detection_model_with_submodules_auto(workspace, tmp_path, capsys):
     """A torchvision detector (untraceable whole) from the command line: --submodules auto, then report and check
     read the file without the model's code."""

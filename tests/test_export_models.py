@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import sgfx
-from models import ConvBnNet, Functional, cifar_resnet18, randomize_bn
+from models import ConvBnNet, Functional, cifar_resnet10, randomize_bn
 
 pytestmark = pytest.mark.filterwarnings("ignore:sgfx.*left dense", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning", "ignore:sgfx.*no bias to correct")
 
 
 @pytest.mark.parametrize("build, shape", [(ConvBnNet, (3, 16, 16)), (Functional, (8, 8, 8)),
-                                          (cifar_resnet18, (3, 8, 8))], ids=["convbn", "functional", "resnet18"])
+                                          (cifar_resnet10, (3, 8, 8))], ids=["convbn", "functional", "resnet10"])
 def test_torch_export_keeps_weights_bit_exact(gen, tmp_path, build, shape):
     model = randomize_bn(build(), gen).eval()
     gm = sgfx.sparsify(model, torch.randn(8, *shape, generator=gen), "2:4", method="magnitude")

@@ -10,7 +10,7 @@ import sgfx
 import sgfx.runtime.memory as memory
 from sgfx.runtime.activations import ActivationStore
 from sgfx.engine.progress import memory_figure, show_progress
-from tests.models import ConvBnNet, cifar_resnet18, randomize_bn
+from tests.models import ConvBnNet, cifar_resnet10, randomize_bn
 
 KB = 1 << 10
 
@@ -96,8 +96,8 @@ def test_default_cap_comes_from_the_machine():
 # ------------------------------------------------------------------------------------------- end to end
 def _model_and_calib():
     gen = torch.Generator().manual_seed(0)
-    model = randomize_bn(cifar_resnet18(), gen).eval()
-    calib = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(4)]  # about 12 MB of activations
+    model = randomize_bn(cifar_resnet10(), gen).eval()
+    calib = [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(4)]  # about 9 MB of activations
     return model, calib
 
 

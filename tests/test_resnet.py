@@ -45,6 +45,7 @@ def test_resnet18_forward_and_model_untouched(resnet_and_result):
     assert not torch.equal(out, ref)
 
 
+@pytest.mark.slow  # a second ResNet-18 run (7 s); test_sparsify.test_same_result_twice is the fast check
 def test_resnet18_same_result_twice(resnet_and_result):
     model, _, calib, gm = resnet_and_result
     with pytest.warns(UserWarning):

@@ -1,5 +1,6 @@
 """Where the time goes and the work the sweep saves: the phase split, the memory-format probe, segments."""
 
+import gc
 import os
 import time
 
@@ -55,10 +56,29 @@ def test_nested_phases_count_exclusive_time_and_are_free_outside_a_run():
     assert split["hessians"] == pytest.approx(0.1, abs=0.03)
 
 
-def test_the_report_splits_the_run_time_into_the_phases():
+def test_the_report_splits_the_run_time_into_the_phases(monkeypatch):
+    # On a model this small the fixed costs (trace, inventory, a garbage collection) are a large share of the run
+    # and vary from machine to machine, so each OBS solve is made to take a known extra 100 ms: that time must land
+    # in the solve phases (solve, or dense targets where the candidate solves run), not in "other".
+    from sgfx.engine import layer_step
+    solves, real = [], layer_step.sparsegpt_prune
+
+    def slow_solve(*args, **kwargs):
+        solves.append(1)
+        until = time.perf_counter() + 0.1
+        while time.perf_counter() < until:  # busy: a sleeping process can come back slowly on a virtual machine
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_step, "sparsegpt_prune", slow_solve)
     model, calib = _resnet_and_calib(2)
-    with pytest.warns(UserWarning):  # the stem's 3 channels stay dense
-        gm = sgfx.sparsify(model, calib, "2:4")
+    gc.collect()
+    gc.freeze()  # a full collection of the test session's objects (0.3 s here) would land in "other"
+    try:
+        with pytest.warns(UserWarning):  # the stem's 3 channels stay dense
+            gm = sgfx.sparsify(model, calib, "2:4")
+    finally:
+        gc.unfreeze()
     report = sgfx.get_report(gm)
     assert report.permuted and report.bn_reestimated
     split = report.time_split
@@ -67,7 +87,9 @@ def test_the_report_splits_the_run_time_into_the_phases():
                  "batchnorm re-estimation", "channel permutation", "memory format probe"):
         assert split[name] > 0, name
     assert sum(split.values()) == pytest.approx(report.total_s, rel=1e-6)
-    assert split["other"] < 0.3 * report.total_s
+    added = 0.1 * len(solves)
+    assert len(solves) >= 3 and split["solve"] + split["dense targets"] >= added
+    assert split["other"] < 0.5 * added
     assert sum(report.steps_s.values()) <= report.total_s
     assert "forward (pruned)" in report.time_table()
 

@@ -85,9 +85,10 @@ def available_memory() -> int:
     """Bytes the machine can give this process now: ``MemAvailable`` (Linux), capped by a cgroup limit."""
     available = None
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
     if available is None:  # other POSIX systems: physical memory
@@ -99,9 +100,10 @@ def available_memory() -> int:
 def current_rss() -> int:
     """This process's resident memory now (bytes)."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
