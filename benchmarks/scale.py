@@ -65,7 +65,7 @@ def batches(images: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
 
 
 def child(images: int, cap: str | None, device: str | None, rank: int, world: int, init: str | None,
-          solver_only: bool = False) -> dict:
+          solver_only: bool = False, memory_format: str = "auto") -> dict:
     if world > 1:
         import torch.distributed as dist
 
@@ -75,6 +75,7 @@ def child(images: int, cap: str | None, device: str | None, rank: int, world: in
     calib = batches(images, rank, world)
     options = {"max_memory": cap} if cap else {}
     options.update(SOLVER_ONLY if solver_only else {})
+    options["memory_format"] = memory_format
     if device:
         options["device"] = device
     started = time.perf_counter()
@@ -124,9 +125,11 @@ def recompute_cost(images: int) -> dict:
     return {"images": images, "forward_s": prefix, "recompute_s": recompute, "prunable": len(prunable)}
 
 
-def run(images: int, cap: str | None, device: str | None, world: int = 1, solver_only: bool = False) -> dict:
-    base = [sys.executable, __file__, "--child", str(images)] + (["--cap", cap] if cap else []) \
-        + (["--device", device] if device else []) + (["--solver-only"] if solver_only else [])
+def run(images: int, cap: str | None, device: str | None, world: int = 1, solver_only: bool = False,
+        memory_format: str = "auto") -> dict:
+    base = [sys.executable, __file__, "--child", str(images), "--memory-format", memory_format] \
+        + (["--cap", cap] if cap else []) + (["--device", device] if device else []) \
+        + (["--solver-only"] if solver_only else [])
     if world == 1:
         done = subprocess.run(base, capture_output=True, text=True, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -167,6 +170,8 @@ def main() -> None:
     parser.add_argument("--dist-images", type=int, nargs="+", default=None,
                         help="image counts for dist2 (default: the smallest of --images)")
     parser.add_argument("--device", default=None, help="e.g. cuda: calibrate on the GPU")
+    parser.add_argument("--memory-format", default="auto", choices=["auto", "contiguous", "channels_last"],
+                        help="the sweep's memory_format option (default auto: probed per run)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--solver-only", action="store_true", help=argparse.SUPPRESS)
@@ -176,7 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(child(args.child, args.cap if args.cap != "none" else None, args.device, args.rank,
-                               args.world, args.init, args.solver_only)))
+                               args.world, args.init, args.solver_only, args.memory_format)))
         return
     gflops = gemm_gflops(torch.float32)
     print(f"machine: {torch.get_num_threads()} threads, GEMM {gflops:.0f} GFLOP/s float32", flush=True)
@@ -207,14 +212,16 @@ def main() -> None:
 
     for images in args.images:
         if "memory" in args.modes:
-            record("memory", run(images, args.memory_cap, args.device))
+            record("memory", run(images, args.memory_cap, args.device, memory_format=args.memory_format))
         if "capped" in args.modes:
-            record("capped", run(images, args.cap, args.device))
+            record("capped", run(images, args.cap, args.device, memory_format=args.memory_format))
         if "solver" in args.modes:
-            record("solver", run(images, args.memory_cap, args.device, solver_only=True))
+            record("solver", run(images, args.memory_cap, args.device, solver_only=True,
+                                 memory_format=args.memory_format))
     for images in args.dist_images or [min(args.images)]:
         if "dist2" in args.modes:
-            record("dist2", run(images, args.cap if "capped" in args.modes else args.memory_cap, args.device, 2))
+            record("dist2", run(images, args.cap if "capped" in args.modes else args.memory_cap, args.device, 2,
+                                memory_format=args.memory_format))
     if "recompute" in args.modes:
         record("recompute", recompute_cost(min(args.images)))
     print()

@@ -83,9 +83,9 @@ def sparsify(model: nn.Module, calib: Any, sparsity: Any = "2:4", *,
         >>> print(sgfx.report(gm))  # doctest: +SKIP
     """
     config = build_config(sparsity, options)
-    if distributed.is_active() and (config.allocates or config.per_layer_targets):
-        raise ValueError("allocation='global', budget= and per_layer_targets are not supported across processes yet "
-                         "(their errors are measured per process); run them in one process")
+    if distributed.is_active() and config.allocates:
+        raise ValueError("allocation='global' and budget= are not supported across processes yet (their errors are "
+                         "measured per process); run them in one process")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _refuse_nonfinite(model)

@@ -130,25 +130,27 @@ def test_dense_target_shift_equals_weight_times_cross_minus_hessian(gen, module)
         torch.testing.assert_close(shift.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_held_out_error_of_a_candidate_equals_the_direct_forward_computation(gen):
-    from sgfx.engine.layer_step import _held_out_error
+def test_held_out_errors_of_the_candidates_equal_the_direct_forward_computation(gen):
+    from sgfx.engine.layer_step import _held_out_terms
     from sgfx.layers import PrunableLayer
 
     conv = torch.nn.Conv2d(8, 6, 3, padding=1)
     layer = PrunableLayer.from_module("c", conv)
     inputs = [torch.randn(2, 8, 7, 7, generator=gen) for _ in range(2)]
     dense_inputs = [x + 0.3 * torch.randn(x.shape, generator=gen) for x in inputs]
-    candidate = [m * (torch.rand(m.shape, generator=gen) > 0.5) for m in layer.solve_matrices()]
+    candidates = [[m * (torch.rand(m.shape, generator=gen) > 0.5) for m in layer.solve_matrices()] for _ in range(2)]
     before = conv.weight.detach().clone()
-    got = _held_out_error(layer, candidate, inputs, dense_inputs, None)
+    terms = _held_out_terms(layer, [candidates[0], None, candidates[1]], inputs, dense_inputs, None)
     assert torch.equal(conv.weight, before)  # the live weight is restored
-    layer.write_back(candidate)
-    pruned = conv.weight.detach().clone()
-    conv.weight.data.copy_(before)
-    num = sum(float((F.conv2d(d, before, padding=1) - F.conv2d(x, pruned, padding=1)).square().sum())
-              for x, d in zip(inputs, dense_inputs))
     den = sum(float(F.conv2d(d, before, padding=1).square().sum()) for d in dense_inputs)
-    assert got == pytest.approx(num / den, rel=1e-5)
+    for row, candidate in zip((terms[0], terms[2]), candidates):
+        layer.write_back(candidate)
+        pruned = conv.weight.detach().clone()
+        conv.weight.data.copy_(before)
+        num = sum(float((F.conv2d(d, before, padding=1) - F.conv2d(x, pruned, padding=1)).square().sum())
+                  for x, d in zip(inputs, dense_inputs))
+        assert float(row[0]) == pytest.approx(num, rel=1e-5) and float(row[1]) == pytest.approx(den, rel=1e-5)
+    assert terms[1, 0] == float("inf") and float(terms[1, 1]) == pytest.approx(den, rel=1e-5)  # a failed solve
 
 
 @pytest.mark.filterwarnings("ignore:sgfx.*stayed dense")

@@ -29,6 +29,14 @@ __all__ = ["LayerPruner", "dense_target_shifts"]
 logger = logging.getLogger(__name__)
 
 
+def _error_by_forwards(config: SparsifyConfig, layer: PrunableLayer, record: LayerRecord) -> bool:
+    """Whether the layer's error is measured by forward passes rather than from its Hessian. From H it costs
+    about rows·cols² multiply-adds (and keeping H through the solve); by forwards, two passes of samples·rows·cols
+    each (at the slower convolution rate): H wins below twice as many columns as samples. Magnitude and Wanda have
+    no full H."""
+    return config.method != "sparsegpt" or layer.columns >= 2 * record.samples
+
+
 @phase("layer errors")
 def _relative_error(layer: PrunableLayer, inputs: Sequence[torch.Tensor], dense: torch.Tensor) -> float:
     """‖WX − ŴX‖² / ‖WX‖² over all calibration inputs (the layer's linear map, bias excluded), by forward passes
@@ -72,22 +80,34 @@ def dense_target_shifts(layer: PrunableLayer, inputs: list[torch.Tensor], dense_
 
 
 @phase("layer errors")
-def _held_out_error(layer: PrunableLayer, candidate: list[torch.Tensor], inputs: Sequence[torch.Tensor],
-                    dense_inputs: Sequence[torch.Tensor], device) -> float:
-    """``‖W X_dense − Ŵ X‖² / ‖W X_dense‖²`` on held-out batches, for ``Ŵ`` given in solve layout (the live weight
-    is ``W``; it is restored)."""
+def _held_out_terms(layer: PrunableLayer, candidates: list[list[torch.Tensor] | None], inputs: Sequence[torch.Tensor],
+                    dense_inputs: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """Per candidate ``Ŵ`` (given in solve layout; None: a solve that failed), ``‖W X_dense − Ŵ X‖²`` and
+    ``‖W X_dense‖²`` on this rank's held-out batches: a (candidates, 2) float64 tensor (the live weight is ``W``;
+    it is restored). The dense outputs are computed once for all candidates."""
     original = layer.weight.detach().clone()
-    layer.write_back(candidate)
-    pruned = layer.weight.detach().to(device, torch.float32).clone()
+    weights = []
+    for candidate in candidates:
+        if candidate is None:
+            weights.append(None)
+            continue
+        layer.write_back(candidate)
+        weights.append(layer.weight.detach().to(device, torch.float32).clone())
     layer.weight.data.copy_(original)
     dense = original.to(device, torch.float32)
-    terms = torch.zeros(2, dtype=torch.float64)
+    terms = torch.zeros(len(candidates), 2, dtype=torch.float64)
     for x, x_dense in zip(inputs, dense_inputs):
         want = layer.forward_with(x_dense.detach().to(device, torch.float32), dense)
-        terms[0] += (want - layer.forward_with(x.detach().to(device, torch.float32), pruned)).square().sum(
-            dtype=torch.float64).cpu()
-        terms[1] += want.square().sum(dtype=torch.float64).cpu()
-    return float(terms[0] / terms[1]) if terms[1] > 0 else 0.0
+        norm = want.square().sum(dtype=torch.float64).cpu()
+        x = x.detach().to(device, torch.float32)
+        for k, weight in enumerate(weights):
+            if weight is not None:
+                terms[k, 0] += (want - layer.forward_with(x, weight)).square().sum(dtype=torch.float64).cpu()
+            terms[k, 1] += norm
+    for k, weight in enumerate(weights):
+        if weight is None:
+            terms[k, 0] = float("inf")
+    return terms
 
 
 class LayerPruner:
@@ -129,7 +149,7 @@ class LayerPruner:
         return statistics
 
     def _gather(self, layer: PrunableLayer, inputs: Sequence[torch.Tensor], dense_inputs, device,
-                record: LayerRecord, start: float):
+                record: LayerRecord, start: float, owner: int):
         """The data-dependent part (collective across processes): Hessians and dense-target shifts, or Wanda's
         input norms; ``None`` for magnitude pruning."""
         config = self.config
@@ -143,7 +163,7 @@ class LayerPruner:
         record.dense_targets = bool(config.dense_targets) and dense_inputs is not None and \
             record.samples >= layer.columns
         if record.dense_targets and config.per_layer_targets:
-            record.dense_targets = self._dense_targets_hold_out(layer, inputs, dense_inputs, device, record)
+            record.dense_targets = self._dense_targets_hold_out(layer, inputs, dense_inputs, device, record, owner)
         shifts = None
         if record.dense_targets:
             shifts = dense_target_shifts(layer, inputs, dense_inputs, record.samples, device)
@@ -151,13 +171,17 @@ class LayerPruner:
             record.hessian_s = time.perf_counter() - start
         return hessians, shifts
 
-    def _dense_targets_hold_out(self, layer: PrunableLayer, inputs, dense_inputs, device, record: LayerRecord) -> bool:
-        """Whether dense targets lower this layer's error on held-out calibration batches (the last fifth, at least
-        one): both targets are solved on the other batches and scored on those; records both errors."""
-        if len(inputs) < 2:
+    def _dense_targets_hold_out(self, layer: PrunableLayer, inputs, dense_inputs, device, record: LayerRecord,
+                                owner: int) -> bool:
+        """Whether dense targets lower this layer's error on held-out calibration batches (each rank's last fifth,
+        at least one where it has two): both targets are solved on the other batches and scored on those; records
+        both errors. Across processes the two candidate solves run on two ranks at once (the layer's owner and the
+        next) and are broadcast, and the errors are summed over every rank's held-out batches, so that all ranks
+        decide alike."""
+        held = max(1, len(inputs) // 5) if len(inputs) >= 2 else 0
+        if distributed.all_reduce_count(held) == 0:
             record.target_errors = {"note": "one calibration batch: nothing to hold out, dense targets kept"}
             return True
-        held = max(1, len(inputs) // 5)
         fit, fit_dense = inputs[:len(inputs) - held], dense_inputs[:len(inputs) - held]
         accumulator = HessianAccumulator(layer, device)
         for x in fit:
@@ -165,18 +189,41 @@ class LayerPruner:
         hessians = accumulator.finalize()
         shifts = dense_target_shifts(layer, fit, fit_dense, accumulator.samples, device)
         config, pattern = self.config, self.pattern(layer)
-        errors, matrices = {}, [w.to(device) for w in layer.solve_matrices()]
-        for name, use_dense in (("plain", False), ("dense", True)):
-            candidate = []
-            for w, h, shift in zip(matrices, hessians, shifts):
-                target = dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries) if use_dense \
-                    else w
-                candidate.append(sparsegpt_prune(target, h, pattern, config.blocksize, config.percdamp,
-                                                 config.max_damping_retries).weight)
-            errors[name] = _held_out_error(layer, candidate, inputs[len(inputs) - held:],
-                                           dense_inputs[len(inputs) - held:], device)
+        matrices = [w.to(device) for w in layer.solve_matrices()]
+        names = ("plain", "dense")
+        candidates = []
+        for k, name in enumerate(names):
+            solver = (owner + k) % distributed.world_size()
+            candidate = None
+            if distributed.rank() == solver:
+                with phase("solve"):
+                    try:
+                        candidate = [sparsegpt_prune(
+                            dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries)
+                            if name == "dense" else w, h, pattern, config.blocksize, config.percdamp,
+                            config.max_damping_retries).weight for w, h, shift in zip(matrices, hessians, shifts)]
+                    except FactorizationError as exc:
+                        logger.info("%s: %s-target candidate not solved: %s", layer.name, name, exc)
+            candidates.append(candidate)
+        if distributed.is_active():
+            candidates = [self._broadcast_candidate(candidate, (owner + k) % distributed.world_size(), device)
+                          for k, candidate in enumerate(candidates)]
+        terms = distributed.all_reduce_sum(_held_out_terms(layer, candidates, inputs[len(inputs) - held:],
+                                                           dense_inputs[len(inputs) - held:], device))
+        errors = {name: float(num / den) if den > 0 else 0.0 for name, (num, den) in zip(names, terms.tolist())}
         record.target_errors = errors
         return errors["dense"] < errors["plain"]
+
+    @staticmethod
+    def _broadcast_candidate(candidate: list[torch.Tensor] | None, solver: int, device) -> list[torch.Tensor] | None:
+        """Rank ``solver``'s candidate weights (None where its solve failed) on every rank."""
+        layout = distributed.broadcast_object(None if candidate is None else [(w.shape, w.dtype) for w in candidate],
+                                              solver)
+        if layout is None:
+            return None
+        if candidate is None:
+            candidate = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in layout]
+        return [distributed.broadcast_tensor(w.contiguous(), solver) for w in candidate]
 
     @phase("solve")
     def _solve(self, layer: PrunableLayer, statistics, matrices: list[torch.Tensor], record: LayerRecord) -> list:
@@ -198,7 +245,7 @@ class LayerPruner:
             dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries)
             for w, h, shift in zip(matrices, hessians, shifts)]
         del shifts
-        keep_hessians = layer.columns < record.samples  # then the error is cheaper from H than by forward passes
+        keep_hessians = not _error_by_forwards(config, layer, record)
         results = [
             sparsegpt_prune(w, h, pattern, config.blocksize, config.percdamp, config.max_damping_retries,
                             overwrite_hessian=not keep_hessians, weight_scales="solve" if quantized else None)
@@ -248,8 +295,8 @@ class LayerPruner:
         self._solved += 1
         failure, dense = None, None
         try:
-            statistics = self._gather(layer, inputs, dense_inputs, device, record, start)
-            if self.config.method != "sparsegpt" or layer.columns >= record.samples:  # error by forward passes
+            statistics = self._gather(layer, inputs, dense_inputs, device, record, start, owner)
+            if _error_by_forwards(self.config, layer, record):
                 dense = layer.weight.detach().float().clone()
             if distributed.rank() == owner:
                 matrices = [m.to(device) for m in layer.solve_matrices()]

@@ -311,8 +311,10 @@ class SequentialPruner(torch.fx.Interpreter):
             values = self.dense_env[source]
             sums = sum(channel_square_sums(self.module, reached, values[i]) for i in range(len(values)))
             saliency = group_saliency(self.module, group, distributed.all_reduce_sum(sums))
-            order = search_permutation(saliency, self.pattern) if distributed.owner(index) == distributed.rank() \
-                else None
+            order = None
+            if distributed.owner(index) == distributed.rank():
+                with distributed.solve_threads():  # the other ranks wait for the order: borrow their threads
+                    order = search_permutation(saliency, self.pattern)
             order = apply_order(self.module, group, saliency, order, self.pattern, index)
             apply_permutation(self.dense.module, group, order)
             dim = 1 if is_plain_conv(self.module.get_submodule(group.producer.target)) else -1  # Linear: last

@@ -7,7 +7,7 @@ of a slice of the first calibration batch in each format and runs channels-last 
 clearly slower (:data:`MARGIN`) or the forward is too short to time (:data:`MIN_PROBE_S`).
 
 Reproducibility: the format changes the float rounding. Within a process the first measurement of a graph and
-input shape is reused, so two runs give the same result; across processes rank 0's measurement decides for all.
+input shape is reused, so two runs give the same result; across processes the ranks' mean decides for all.
 Between two separate processes the choice can flip only where both formats are within about 10 % (ResNet-18 at
 32 px measured 1.0x: a flip there costs no time but changes the last bits); ``memory_format="channels_last"`` or
 ``"contiguous"`` pins it, and the report's ``memory_format`` says which ran.
@@ -81,6 +81,8 @@ def choose_memory_format(gm: torch.fx.GraphModule, batch: Any, convert: Callable
     if key not in _measured:
         _measured[key] = _probe(gm, sample)
     seconds = _measured[key]
+    if distributed.is_active():  # the ranks' mean, so that every rank decides alike on less noise
+        seconds = _mean_over_ranks(seconds)
     if seconds is None:
         found = {"chosen": "contiguous", "reason": "probe failed"}
     elif seconds["contiguous"] < MIN_PROBE_S:
@@ -88,10 +90,19 @@ def choose_memory_format(gm: torch.fx.GraphModule, batch: Any, convert: Callable
     else:
         chosen = "channels_last" if seconds["channels_last"] <= MARGIN * seconds["contiguous"] else "contiguous"
         found = {"chosen": chosen, "probe_s": seconds}
-    if distributed.is_active():  # every rank sums in the same order: rank 0's choice
-        found = dict(found, chosen=distributed.broadcast_object(found["chosen"], 0))
     logger.info("memory format: %s (%s)", found["chosen"], found.get("probe_s", found.get("reason")))
     return found
+
+
+def _mean_over_ranks(seconds: dict[str, float] | None) -> dict[str, float] | None:
+    """Each format's probe time averaged over the ranks (which probe at once, on the same kind of machine); None
+    where any rank's probe failed."""
+    formats = ("contiguous", "channels_last")
+    values = [0.0, 0.0, 1.0] if seconds is None else [seconds[f] for f in formats] + [0.0]
+    total = distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+    if total[2] > 0:
+        return None
+    return {f: t / distributed.world_size() for f, t in zip(formats, total)}
 
 
 def _probe(gm: torch.fx.GraphModule, sample: Any) -> dict[str, float] | None:
