@@ -259,6 +259,7 @@ def main(argv=None) -> None:
                         help="unlabeled training images for label-free recovery (the U-Net uses half as many)")
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--recovery-lr", type=float, default=0.005)
+    parser.add_argument("--no-recovery", action="store_true", help="one-shot rows only (no label-free recovery)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     import remedies
@@ -280,7 +281,7 @@ def main(argv=None) -> None:
             variants = {k: remedies.VARIANTS[k] for k in args.variants}
         if not args.train_only:
             rows += remedies.run_task(task, str(args.pattern), variants, args.recovery_epochs, args.recovery_lr,
-                                      recovery)
+                                      recovery and not args.no_recovery)
             print(remedies.report([r for r in rows if r["model"] == task.name]), flush=True)
     if rows:
         remedies.report(rows, args.out)
