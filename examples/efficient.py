@@ -260,6 +260,7 @@ def main(argv=None) -> None:
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--recovery-lr", type=float, default=0.005)
     parser.add_argument("--no-recovery", action="store_true", help="one-shot rows only (no label-free recovery)")
+    parser.add_argument("--skip", nargs="+", default=[], help="layer names or globs every variant leaves dense")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     import remedies
@@ -279,6 +280,9 @@ def main(argv=None) -> None:
             print(json.dumps({"model": task.name, task.metric: round(dense, 2)}), flush=True)
         if args.variants:
             variants = {k: remedies.VARIANTS[k] for k in args.variants}
+        if args.skip:
+            variants = {f"{label}, skip {' '.join(args.skip)}": {**options, "skip": args.skip}
+                        for label, options in (variants or remedies.VARIANTS).items()}
         if not args.train_only:
             rows += remedies.run_task(task, str(args.pattern), variants, args.recovery_epochs, args.recovery_lr,
                                       recovery and not args.no_recovery)

@@ -88,7 +88,7 @@ def run_task(task: Task, pattern: str = "2:4", variants: dict[str, dict] | None 
         seconds = time.perf_counter() - started
         rows.append(_row(task, label, gm, dense_scores, seconds, sgfx.get_report(gm).sparse_macs_fraction))
         print(tabulate([rows[-1]], headers="keys", tablefmt="plain"), flush=True)
-        if label in ("default", RECONSTRUCTED):
+        if label.split(",")[0] in ("default", RECONSTRUCTED):  # also "default, skip ..." (efficient.py --skip)
             starts[label] = gm
     for label, start in starts.items() if recovery else ():
         started = time.perf_counter()

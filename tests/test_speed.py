@@ -115,6 +115,25 @@ def test_probe_keeps_a_tiny_model_contiguous_and_records_the_evidence():
         sgfx.SparsifyConfig("2:4", memory_format="nhwc")
 
 
+def test_across_ranks_the_probe_decides_on_the_ranks_mean(monkeypatch):
+    import sgfx.runtime.memory_format as memory_format
+    from sgfx.runtime import distributed
+
+    gm = sgfx.passes.trace.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU()))  # its own cache key
+    mine = {"contiguous": 1.0, "channels_last": 1.3}  # alone, this rank would run contiguous
+    others = {"ok": [1.0, 0.5, 0.0], "failed": [0.0, 0.0, 1.0]}  # the other rank: channels-last twice as fast
+    monkeypatch.setattr(memory_format, "_probe", lambda graph, sample: dict(mine))
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    found = {}
+    for other in others:
+        monkeypatch.setattr(distributed, "all_reduce_sum",
+                            lambda t, o=other: t + torch.tensor(others[o], dtype=t.dtype))
+        found[other] = choose_memory_format(gm, torch.randn(4, 3, 8, 8), lambda b: b)
+    assert found["ok"] == {"chosen": "channels_last", "probe_s": {"contiguous": 1.0, "channels_last": 0.9}}
+    assert found["failed"] == {"chosen": "contiguous", "reason": "probe failed"}  # a rank whose probe failed
+
+
 def test_channels_last_gives_the_same_masks_and_weights_up_to_rounding():
     gen = torch.Generator().manual_seed(0)
     model = randomize_bn(ConvBnNet(), gen).eval()
