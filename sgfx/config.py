@@ -207,8 +207,7 @@ class SparsifyConfig:
                                             {"kind": "bool"})
     reconstruct: int = _option(0, "Label-free block reconstruction after the sweep: Adam steps per block (a module "
                                f"of the model holding at most {RECONSTRUCT_BLOCK_LAYERS} pruned layers), each on one "
-                               "calibration batch, "
-                               "fitting the block's kept weights, biases and BatchNorm affines to the dense model's "
+                               "calibration batch, fitting the block's kept weights, biases and BatchNorm affines to the dense model's "
                                "block outputs from the pruned model's block inputs; a block whose error on the "
                                "held-out last fifth of the batches does not fall is put back. Masks stay fixed; "
                                "no labels are read. ``0``: off. The report's ``reconstructed`` lists each block.",

@@ -96,6 +96,7 @@ def _held_out_terms(layer: PrunableLayer, candidates: list[list[torch.Tensor] | 
     layer.weight.data.copy_(original)
     dense = original.to(device, torch.float32)
     terms = torch.zeros(len(candidates), 2, dtype=torch.float64)
+    terms[[k for k, weight in enumerate(weights) if weight is None], 0] = float("inf")
     for x, x_dense in zip(inputs, dense_inputs):
         want = layer.forward_with(x_dense.detach().to(device, torch.float32), dense)
         norm = want.square().sum(dtype=torch.float64).cpu()
@@ -104,9 +105,6 @@ def _held_out_terms(layer: PrunableLayer, candidates: list[list[torch.Tensor] | 
             if weight is not None:
                 terms[k, 0] += (want - layer.forward_with(x, weight)).square().sum(dtype=torch.float64).cpu()
             terms[k, 1] += norm
-    for k, weight in enumerate(weights):
-        if weight is None:
-            terms[k, 0] = float("inf")
     return terms
 
 
@@ -198,10 +196,10 @@ class LayerPruner:
             if distributed.rank() == solver:
                 with phase("solve"):
                     try:
-                        candidate = [sparsegpt_prune(
-                            dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries)
-                            if name == "dense" else w, h, pattern, config.blocksize, config.percdamp,
-                            config.max_damping_retries).weight for w, h, shift in zip(matrices, hessians, shifts)]
+                        targets = self._targets(matrices, hessians, shifts if name == "dense" else None)
+                        candidate = [sparsegpt_prune(w, h, pattern, config.blocksize, config.percdamp,
+                                                     config.max_damping_retries).weight
+                                     for w, h in zip(targets, hessians)]
                     except FactorizationError as exc:
                         logger.info("%s: %s-target candidate not solved: %s", layer.name, name, exc)
             candidates.append(candidate)
@@ -213,6 +211,15 @@ class LayerPruner:
         errors = {name: float(num / den) if den > 0 else 0.0 for name, (num, den) in zip(names, terms.tolist())}
         record.target_errors = errors
         return errors["dense"] < errors["plain"]
+
+    def _targets(self, matrices: list[torch.Tensor], hessians: list[torch.Tensor],
+                 shifts: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """The weights the OBS solve fits per group: the layer's own, or with ``shifts`` its dense targets."""
+        if shifts is None:
+            return matrices
+        config = self.config
+        return [dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries)
+                for w, h, shift in zip(matrices, hessians, shifts)]
 
     @staticmethod
     def _broadcast_candidate(candidate: list[torch.Tensor] | None, solver: int, device) -> list[torch.Tensor] | None:
@@ -241,9 +248,7 @@ class LayerPruner:
                 self._fill_scales(layer, [r.scales for r in results])
             return results
         hessians, shifts = statistics
-        targets = matrices if shifts is None else [
-            dense_target_weight(w, h, shift, config.percdamp, config.max_damping_retries)
-            for w, h, shift in zip(matrices, hessians, shifts)]
+        targets = self._targets(matrices, hessians, shifts)
         del shifts
         keep_hessians = not _error_by_forwards(config, layer, record)
         results = [

@@ -5,8 +5,9 @@ The one-shot sweep fits every layer on its own (its OBS solve sees one layer's o
 the errors of a block's layers combine through its non-linearities, SE gates and residual adds; on the trained
 MobileNet-style classifier of ``docs/RESULTS.md`` the 2:4 loss was spread over the pointwise convs in that way. In
 the spirit of AdaPrune and BRECQ, this step walks the graph block by block (a block is a module of the model's own
-hierarchy holding at most :data:`sgfx.config.RECONSTRUCT_BLOCK_LAYERS` pruned layers, found from the trace's ``nn_module_stack``), feeds
-each block the *pruned* model's values at its inputs (so it also absorbs the error of the blocks before it) and
+hierarchy holding at most :data:`sgfx.config.RECONSTRUCT_BLOCK_LAYERS` pruned layers, found from the trace's
+``nn_module_stack``), feeds each block the *pruned* model's values at its inputs (so it also absorbs the error of
+the blocks before it) and
 adjusts its parameters (the pruned weights on their kept entries only, biases, BatchNorm affines) with Adam to
 match the dense copy's values at its outputs on the calibration inputs. No labels are read.
 
