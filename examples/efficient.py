@@ -260,6 +260,10 @@ def main(argv=None) -> None:
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--recovery-lr", type=float, default=0.005)
     parser.add_argument("--no-recovery", action="store_true", help="one-shot rows only (no label-free recovery)")
+    parser.add_argument("--recovery-augment", action="store_true",
+                        help="new random crops and flips of the unlabeled images in every recovery epoch")
+    parser.add_argument("--recovery-channels-last", action="store_true",
+                        help="run the recovery's training in channels-last (faster for depthwise convs here)")
     parser.add_argument("--skip", nargs="+", default=[], help="layer names or globs every variant leaves dense")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
@@ -283,9 +287,11 @@ def main(argv=None) -> None:
         if args.skip:
             variants = {f"{label}, skip {' '.join(args.skip)}": {**options, "skip": args.skip}
                         for label, options in (variants or remedies.VARIANTS).items()}
+        if args.recovery_augment:
+            task.unlabeled = remedies.Augmented(task.unlabeled, common.crop_and_flip, args.seed + 4)
         if not args.train_only:
             rows += remedies.run_task(task, str(args.pattern), variants, args.recovery_epochs, args.recovery_lr,
-                                      recovery and not args.no_recovery)
+                                      recovery and not args.no_recovery, args.recovery_channels_last)
             print(remedies.report([r for r in rows if r["model"] == task.name]), flush=True)
     if rows:
         remedies.report(rows, args.out)

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tabulate import tabulate
@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict] = {
     "no statistics correction": {"stats_correction": False},
     "no BN re-estimation": {"bn_reestimate": False},
     "no channel permutation": {"permute_channels": False},
+    "blocked solve only (no exact OBS)": {"exact_obs_work": 0},
     "accelerated_only": {"accelerated_only": True},
     "SparseGPT, no remedies": {"dense_targets": False, "stats_correction": False, "bn_reestimate": False,
                                "permute_channels": False},
@@ -49,9 +50,24 @@ class Task:
     calib: list[torch.Tensor]
     score: Callable[[nn.Module], torch.Tensor]  # per test sample, higher is better (0/1 or IoU)
     metric: str
-    unlabeled: list[torch.Tensor]  # batches for label-free recovery (no labels read)
+    unlabeled: Sequence[torch.Tensor]  # batches for label-free recovery (no labels read)
     distill_loss: str  # "kl" (classifier) or "mse" (maps)
     probe: torch.Tensor  # inputs for the float32-vs-float64 sensitivity
+
+
+class Augmented:
+    """Unlabeled batches re-augmented on every pass (``augment(batch, generator)``; one generator for the run, so
+    each epoch sees new crops and flips): what a training loader would do, still without labels."""
+
+    def __init__(self, batches: Sequence[torch.Tensor], augment: Callable, seed: int = 0):
+        self.batches, self.augment = batches, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self.augment(batch, self.generator) for batch in self.batches)
 
 
 def sensitivity(model: nn.Module, probe: torch.Tensor) -> float:
@@ -74,9 +90,11 @@ def _row(task: Task, label: str, model: nn.Module, dense_scores: torch.Tensor, s
 
 
 def run_task(task: Task, pattern: str = "2:4", variants: dict[str, dict] | None = None,
-             recovery_epochs: int = 2, recovery_lr: float = 0.005, recovery: bool = True) -> list[dict]:
+             recovery_epochs: int = 2, recovery_lr: float = 0.005, recovery: bool = True,
+             channels_last: bool = False) -> list[dict]:
     """The dense row, one row per variant, and the default (and the block-reconstructed variant, when run) followed
-    by label-free recovery (distillation from the dense model on ``task.unlabeled`` with every zero kept)."""
+    by label-free recovery (distillation from the dense model on ``task.unlabeled`` with every zero kept;
+    ``channels_last``: trained in that memory format, faster for depthwise convs on a CPU)."""
     dense_scores = task.score(task.model)
     rows = [_row(task, "dense", task.model, dense_scores, None, None, dense_scores)]
     starts: dict[str, nn.Module] = {}
@@ -92,11 +110,17 @@ def run_task(task: Task, pattern: str = "2:4", variants: dict[str, dict] | None 
             starts[label] = gm
     for label, start in starts.items() if recovery else ():
         started = time.perf_counter()
+        if channels_last:  # the student (finetune trains a copy) and the teacher; inputs follow the weights
+            start = copy.deepcopy(start).to(memory_format=torch.channels_last)
+        teacher = copy.deepcopy(task.model).to(memory_format=torch.channels_last) if channels_last else task.model
         recovered = sgfx.finetune(start, task.unlabeled, epochs=recovery_epochs, lr=recovery_lr, weight_decay=0.0,
-                                  distill=task.model, alpha=1.0, distill_loss=task.distill_loss, progress=False)
+                                  distill=teacher, alpha=1.0, distill_loss=task.distill_loss, progress=False)
+        recovered.to(memory_format=torch.contiguous_format)
         assert sgfx.check_pattern(recovered, pattern)
+        augmented = ", crop + flip" if isinstance(task.unlabeled, Augmented) else ""
+        images = sum(len(b) for b in (task.unlabeled.batches if augmented else task.unlabeled))
         rows.append(_row(task, f"{label} + label-free recovery ({recovery_epochs} epochs over "
-                               f"{sum(len(b) for b in task.unlabeled)} unlabeled images)", recovered, dense_scores,
+                               f"{images} unlabeled images{augmented}, lr {recovery_lr:g})", recovered, dense_scores,
                          time.perf_counter() - started, sgfx.get_report(recovered).sparse_macs_fraction))
     return rows
 

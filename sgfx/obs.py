@@ -27,7 +27,7 @@ from .quantize import quantize_weight, weight_scales as row_scales
 
 __all__ = [
     "SolveResult", "sparsegpt_prune", "magnitude_prune", "wanda_prune",
-    "dense_target_weight", "sparsegpt_error_curve", "error_terms",
+    "dense_target_weight", "sparsegpt_error_curve", "error_terms", "exact_nm_prune", "exact_work",
 ]
 
 
@@ -44,6 +44,7 @@ class SolveResult:
     damping_retries: int = 0  # times the damping was raised x10 because Cholesky failed
     factor_s: float = 0.0  # seconds spent factorising the Hessian
     scales: torch.Tensor | None = None  # (rows,) the INT8 scales the weight was rounded to (quantized solves)
+    solver: str = "blocked"  # "blocked" (SparseGPT's sweep) or "exact" (greedy OBS per row, exact_nm_prune)
 
 
 def _rotate_180_(matrix: torch.Tensor, strip: int = 1024) -> torch.Tensor:
@@ -291,6 +292,73 @@ def sparsegpt_prune(
     grid = None if weight_scales is None else weight_scales.to(original.device, dtype)
     final, pruned, loss = _sweep(original, lower, pattern, blocksize, grid)
     return SolveResult(final, pruned, loss, damping, retries, factor_s, weight_scales)
+
+
+def exact_work(rows: int, cols: int) -> int:
+    """Multiply-adds of :func:`exact_nm_prune` on a (rows, cols) weight: one rank-1 update of every row's
+    (cols, cols) inverse Hessian per pruned weight (cols / 2 of them at 2:4)."""
+    return rows * cols ** 3 // 2
+
+
+_EXACT_CHUNK_BYTES = 1 << 28  # rows whose (cols, cols) inverses are updated together
+
+
+def exact_nm_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, percdamp: float = 0.01,
+                   max_damping_retries: int = 6, dtype: torch.dtype = torch.float32) -> SolveResult:
+    """Prune ``weight`` to an N:M ``pattern`` with exact greedy OBS (OBC, Frantar & Alistarh 2022), row by row.
+
+    Each row keeps its own inverse Hessian ``G``: it repeatedly removes, among the weights whose group still has
+    room to prune, the one of least cost ``w_j² / G_jj``, compensates the row's remaining weights by
+    ``-(w_j / G_jj) G_:j`` and drops j from ``G`` (``G -= G_:j G_j: / G_jj``). SparseGPT instead visits columns left to
+    right and shares one factor across rows, which costs about twice the error on the narrow layers of efficient
+    networks (docs/RESULTS.md); this solve costs :func:`exact_work` multiply-adds, so it is kept for small layers.
+
+    Args:
+        weight: (rows, cols) weights in solve column order; not modified.
+        hessian: (cols, cols) symmetric PSD; not modified.
+        pattern: N:M groups along consecutive columns.
+        percdamp, max_damping_retries, dtype: as :func:`sparsegpt_prune`.
+
+    Returns:
+        SolveResult (loss: the sum of ``w_j² / (2 G_jj)`` over the pruned weights, as SparseGPT's).
+    """
+    rows, cols = weight.shape
+    if not isinstance(pattern, NMPattern):
+        raise TypeError(f"exact_nm_prune takes an N:M pattern, got {pattern!r}")
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
+    _check_blocks(pattern, cols, pattern.m)
+    work = weight.to(dtype=dtype, copy=True)  # (rows, cols), compensated in place
+    hess = hessian.to(dtype=dtype, copy=True)
+    work[:, _mark_dead_columns_(hess)] = 0.0
+    started = time.perf_counter()
+    lower, damping, retries = _factor_with_retries(hess, percdamp, max_damping_retries, overwrite=True)
+    inverse = torch.cholesky_inverse(lower).flip(0, 1)  # (cols, cols) (H + λI)⁻¹ = J (L Lᵀ)⁻¹ J
+    factor_s = time.perf_counter() - started
+    del hess, lower
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=work.device)
+    loss = torch.zeros((), dtype=torch.float64, device=work.device)
+    chunk = max(1, _EXACT_CHUNK_BYTES // (cols * cols * work.element_size()))
+    for top in range(0, rows, chunk):
+        w, mask = work[top:top + chunk], pruned[top:top + chunk]  # (r, cols) views
+        r = w.shape[0]
+        g = inverse.expand(r, cols, cols).clone()  # (r, cols, cols) each row's inverse Hessian
+        room = torch.full((r, cols // pattern.m), pattern.n_pruned, device=w.device)  # (r, groups) left to prune
+        picked = torch.arange(r, device=w.device)
+        for _ in range(cols // pattern.m * pattern.n_pruned):  # one weight per row and step
+            diag = g.diagonal(dim1=1, dim2=2)  # (r, cols)
+            cost = w.square() / diag.clamp_min(torch.finfo(dtype).tiny)
+            cost.masked_fill_(mask | (room == 0).repeat_interleave(pattern.m, dim=1), float("inf"))
+            j = cost.argmin(dim=1)  # (r,)
+            column = g[picked, :, j]  # (r, cols) G_:j
+            ratio = w[picked, j] / diag[picked, j]  # (r,)
+            loss += (w[picked, j] * ratio).sum(dtype=torch.float64) / 2
+            w.sub_(ratio[:, None] * column)
+            g.baddbmm_(column.unsqueeze(2), (column / diag[picked, j, None]).unsqueeze(1), alpha=-1)
+            mask[picked, j] = True
+            room[picked, j // pattern.m] -= 1
+        w.masked_fill_(mask, 0.0)  # pruned weights are exactly zero
+    return SolveResult(work, pruned, float(loss), damping, retries, factor_s, solver="exact")
 
 
 def _check_blocks(pattern: Pattern, cols: int, blocksize: int) -> None:

@@ -36,6 +36,7 @@ class LayerRecord:
     solve_s: float = 0.0  # the OBS solve, factorisation included, and the write-back
     damping: float | None = None
     damping_retries: int = 0
+    solver: str = ""  # SparseGPT layers: "exact" (greedy OBS, small N:M layers) or "blocked" (SparseGPT's sweep)
     weight_name: str = ""  # qualified name of the weight tensor in the GraphModule
     dense_targets: bool = False  # fitted to the dense model's outputs (dense_targets=True and samples >= columns)
     level: float | None = None  # the sparsity an allocation or budget chose for this layer (None: uniform)
@@ -94,7 +95,8 @@ class SparsityReport:
         rows = []
         for r in self.layers:
             note = r.reason if not r.pruned else "; ".join(
-                ([f"damping x10^{r.damping_retries}"] if r.damping_retries else [])
+                (["exact OBS"] if r.solver == "exact" else [])
+                + ([f"damping x10^{r.damping_retries}"] if r.damping_retries else [])
                 + ([f"shared by {r.uses} calls"] if r.uses > 1 else []) + ([r.quant["reason"]] if "reason" in
                                                                             r.quant else []))
             rows.append([

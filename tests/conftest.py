@@ -21,16 +21,18 @@ def _seed():
 
 @pytest.fixture
 def solved_hessians(monkeypatch):
-    """Every Hessian the SparseGPT solve receives during the test: (weight shape, float64 copy), in call order
-    (``dict(solved_hessians)[shape]`` is the last one of that shape)."""
+    """Every Hessian an OBS solve (SparseGPT's blocked one or the exact N:M one) receives during the test:
+    (weight shape, float64 copy), in call order (``dict(solved_hessians)[shape]`` is the last one of that shape)."""
     import sgfx.engine.layer_step as engine
 
     calls = []
-    real = engine.sparsegpt_prune
 
-    def spy(weight, hessian, *args, **kwargs):
-        calls.append((tuple(weight.shape), hessian.detach().double().clone()))
-        return real(weight, hessian, *args, **kwargs)
+    def spying(real):
+        def spy(weight, hessian, *args, **kwargs):
+            calls.append((tuple(weight.shape), hessian.detach().double().clone()))
+            return real(weight, hessian, *args, **kwargs)
+        return spy
 
-    monkeypatch.setattr(engine, "sparsegpt_prune", spy)
+    for solver in ("sparsegpt_prune", "exact_nm_prune"):
+        monkeypatch.setattr(engine, solver, spying(getattr(engine, solver)))
     return calls

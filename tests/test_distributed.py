@@ -65,13 +65,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     os.environ["LOCAL_WORLD_SIZE"] = str(WORLD)  # as torchrun sets it: the solving rank borrows the idle one's thread
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     solves = []
-    original = prune_layers.sparsegpt_prune
+    original = prune_layers.obs_solve  # either solver: the blocked or the exact one
 
     def counting(*args, **kwargs):
         solves.append(1)
         return original(*args, **kwargs)
 
-    prune_layers.sparsegpt_prune = counting
+    prune_layers.obs_solve = counting
     try:
         results = {}
         for name, options in CONFIGS.items():
@@ -84,7 +84,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                              "distributed": report.distributed}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        prune_layers.sparsegpt_prune = original
+        prune_layers.obs_solve = original
         dist.destroy_process_group()
 
 

@@ -61,7 +61,7 @@ def test_the_report_splits_the_run_time_into_the_phases(monkeypatch):
     # and vary from machine to machine, so each OBS solve is made to take a known extra 100 ms: that time must land
     # in the solve phases (solve, or dense targets where the candidate solves run), not in "other".
     from sgfx.engine import layer_step
-    solves, real = [], layer_step.sparsegpt_prune
+    solves, real = [], layer_step.obs_solve  # either solver: the blocked or the exact one
 
     def slow_solve(*args, **kwargs):
         solves.append(1)
@@ -70,7 +70,7 @@ def test_the_report_splits_the_run_time_into_the_phases(monkeypatch):
             pass
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layer_step, "sparsegpt_prune", slow_solve)
+    monkeypatch.setattr(layer_step, "obs_solve", slow_solve)
     model, calib = _resnet_and_calib(2)
     gc.collect()
     gc.freeze()  # a full collection of the test session's objects (0.3 s here) would land in "other"

@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from ..config import Pattern, SparsifyConfig
+from ..config import NMPattern, Pattern, SparsifyConfig
 from ..layers import HessianAccumulator, LayerUnsupported, PrunableLayer
-from ..obs import (FactorizationError, dense_target_weight, error_terms, magnitude_prune, sparsegpt_prune,
-                   wanda_prune)
+from ..obs import (FactorizationError, dense_target_weight, error_terms, exact_nm_prune, exact_work,
+                   magnitude_prune, sparsegpt_prune, wanda_prune)
 from ..quantize import quantize_weight, weight_integers, weight_scales as row_scales
 from ..report import LayerRecord
 from ..runtime import distributed
@@ -106,6 +106,16 @@ def _held_out_terms(layer: PrunableLayer, candidates: list[list[torch.Tensor] | 
                 terms[k, 0] += (want - layer.forward_with(x, weight)).square().sum(dtype=torch.float64).cpu()
             terms[k, 1] += norm
     return terms
+
+
+def obs_solve(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, config: SparsifyConfig,
+              overwrite_hessian: bool = False, quantized: bool = False):
+    """One OBS solve: exact greedy OBS for an N:M layer small enough (``config.exact_obs_work``; not with INT8,
+    whose rounding only the blocked sweep compensates), SparseGPT's blocked solve otherwise."""
+    if isinstance(pattern, NMPattern) and not quantized and exact_work(*weight.shape) <= config.exact_obs_work:
+        return exact_nm_prune(weight, hessian, pattern, config.percdamp, config.max_damping_retries)
+    return sparsegpt_prune(weight, hessian, pattern, config.blocksize, config.percdamp, config.max_damping_retries,
+                           overwrite_hessian=overwrite_hessian, weight_scales="solve" if quantized else None)
 
 
 class LayerPruner:
@@ -197,9 +207,7 @@ class LayerPruner:
                 with phase("solve"):
                     try:
                         targets = self._targets(matrices, hessians, shifts if name == "dense" else None)
-                        candidate = [sparsegpt_prune(w, h, pattern, config.blocksize, config.percdamp,
-                                                     config.max_damping_retries).weight
-                                     for w, h in zip(targets, hessians)]
+                        candidate = [obs_solve(w, h, pattern, config).weight for w, h in zip(targets, hessians)]
                     except FactorizationError as exc:
                         logger.info("%s: %s-target candidate not solved: %s", layer.name, name, exc)
             candidates.append(candidate)
@@ -251,17 +259,15 @@ class LayerPruner:
         targets = self._targets(matrices, hessians, shifts)
         del shifts
         keep_hessians = not _error_by_forwards(config, layer, record)
-        results = [
-            sparsegpt_prune(w, h, pattern, config.blocksize, config.percdamp, config.max_damping_retries,
-                            overwrite_hessian=not keep_hessians, weight_scales="solve" if quantized else None)
-            for w, h in zip(targets, hessians)
-        ]
+        results = [obs_solve(w, h, pattern, config, overwrite_hessian=not keep_hessians, quantized=quantized)
+                   for w, h in zip(targets, hessians)]
         if quantized:
             self._fill_scales(layer, [r.scales for r in results])
         if keep_hessians:
             record.rel_error = _relative_error_from_hessians(matrices, [r.weight for r in results], hessians)
         record.factor_s = sum(r.factor_s for r in results)
         record.damping = max(r.damping for r in results)
+        record.solver = results[0].solver
         record.damping_retries = max(r.damping_retries for r in results)
         if record.damping_retries:
             logger.warning("%s: Cholesky failed, damping raised x10^%d", layer.name, record.damping_retries)
