@@ -3,6 +3,8 @@
     python benchmarks/prune_speed.py                      # everything (about 10 minutes on 2 cores)
     python benchmarks/prune_speed.py --parts kernel e2e   # a subset: machine kernel percolumn e2e vgg rss1024
 
+Torch's CPU tensors come from huge pages unless ``THP_MEM_ALLOC_ENABLE=0`` is set (``sgfx.runtime.allocator``).
+
 Never run it beside another torch process: on 2 cores the OpenMP threads oversubscribe and times go several
 times off. Every ratio is measured in the same run. End-to-end runs happen in child processes so that each peak
 RSS is its own.
@@ -27,6 +29,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sgfx  # noqa: E402
+from sgfx.runtime.allocator import enable_huge_pages  # noqa: E402
+
+HUGE_PAGES = enable_huge_pages()  # before any tensor (THP_MEM_ALLOC_ENABLE=0 in the environment: off); children inherit
+
 from reference_kernels import inverse_factor_reference, per_column, reference_blocked  # noqa: E402
 
 RESNET_SHAPES = [(64, 576), (128, 576), (128, 1152), (128, 64), (256, 1152), (256, 2304), (256, 128),
@@ -73,9 +79,9 @@ def problem(rows, cols, seed=0, samples=None):
 # -------------------------------------------------------------------------------------------------- parts
 def part_machine() -> dict:
     result = {"threads": torch.get_num_threads(), "gemm_f32_gflops": gemm_gflops(torch.float32),
-              "gemm_f64_gflops": gemm_gflops(torch.float64)}
+              "gemm_f64_gflops": gemm_gflops(torch.float64), "huge_pages": HUGE_PAGES}
     print(f"\nmachine: {result['threads']} threads, GEMM {result['gemm_f32_gflops']:.0f} GFLOP/s float32, "
-          f"{result['gemm_f64_gflops']:.0f} float64")
+          f"{result['gemm_f64_gflops']:.0f} float64, huge pages {'on' if HUGE_PAGES else 'off'}")
     return result
 
 

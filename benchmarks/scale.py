@@ -17,6 +17,7 @@ torch process. Modes:
   prunable layer. Measured as one timed forward pass over the images, node by node (the prefix time at each
   prunable layer, summed over the layers), without pruning anything.
 
+Torch's CPU tensors come from huge pages (``sgfx.runtime.allocator``) unless ``THP_MEM_ALLOC_ENABLE=0`` is set.
 Printed: wall time, peak RSS, bytes spilled to disk, and the ratio to the executed-FLOP bound computed as
 ``benchmarks/prune_speed.py`` does for ResNet-18 (Hessian Gram products, forward passes of the pruned layers,
 Cholesky factor and OBS updates at the machine's measured GEMM rate); then, per run, where its time went (the
@@ -42,7 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sgfx  # noqa: E402
-from prune_speed import SOLVER_ONLY, gemm_gflops, layer_flops, peak_rss_gb  # noqa: E402
+from prune_speed import HUGE_PAGES, SOLVER_ONLY, gemm_gflops, layer_flops, peak_rss_gb  # noqa: E402
 
 BATCH = 32
 IMAGE = 224
@@ -184,8 +185,9 @@ def main() -> None:
                                args.world, args.init, args.solver_only, args.memory_format)))
         return
     gflops = gemm_gflops(torch.float32)
-    print(f"machine: {torch.get_num_threads()} threads, GEMM {gflops:.0f} GFLOP/s float32", flush=True)
-    results: dict = {"torch": torch.__version__, "gemm_gflops": gflops, "runs": []}
+    print(f"machine: {torch.get_num_threads()} threads, GEMM {gflops:.0f} GFLOP/s float32, huge pages "
+          f"{'on' if HUGE_PAGES else 'off'}", flush=True)
+    results: dict = {"torch": torch.__version__, "gemm_gflops": gflops, "huge_pages": HUGE_PAGES, "runs": []}
     rows = []
 
     def record(mode: str, result: dict) -> None:

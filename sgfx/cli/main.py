@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..runtime.allocator import enable_huge_pages
+
+    enable_huge_pages()  # before the first tensor: torch reads the setting once (sgfx.runtime.allocator)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.verbose:

@@ -28,6 +28,7 @@ from ..report import LayerRecord, SparsityReport, attach_report
 from ..runtime import distributed
 from ..runtime.activations import ActivationStore, MappedValues
 from ..runtime.calibration import calibration_batches, map_tensors, placeholder_values
+from ..runtime.allocator import hint_huge_pages
 from ..runtime.memory import current_rss, default_max_memory, plan_memory
 from ..runtime.memory_format import choose_memory_format, to_memory_format
 from ..runtime.timing import phase, timed_run
@@ -130,6 +131,7 @@ def _plan_memory(run: Run) -> None:
                        run.store.compute_device)
     run.store.set_budgets(plan.host, plan.device)
     run.report.memory = plan.entry
+    run.report.memory["huge_pages"] = hint_huge_pages()  # how the CPU tensors' memory is paged (runtime.allocator)
 
 
 def _permutes_in_sweep(run: Run) -> bool:
